@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 COLL := .collections/ansible_collections/steep/repl
+DEMO_LAB ?= /tmp/steep-lab/demo
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.collections
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -26,11 +27,11 @@ extension: setup
 	$(BIN)/python extension/build.py
 
 demo: setup
-	$(BIN)/python -m steeplab --dir .lab/demo up --nodes 2 --pg 18
-	bash scripts/demo.sh .lab/demo
+	$(BIN)/python -m steeplab --dir $(DEMO_LAB) up --nodes 2 --pg 18
+	$(BIN)/python scripts/demo.py $(DEMO_LAB)
 
 demo-down: setup
-	$(BIN)/python -m steeplab --dir .lab/demo down
+	$(BIN)/python -m steeplab --dir $(DEMO_LAB) down
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
