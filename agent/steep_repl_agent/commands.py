@@ -1,0 +1,154 @@
+"""Operations behind the CLI. The agent runs them for IPC requests; the CLI runs
+them itself against the database when the agent is down. Each takes a psycopg2
+connection and returns JSON-able data, or raises CommandError naming the fix."""
+import json
+
+from ansible_collections.steep.repl.plugins.module_utils import db
+
+from . import collect
+
+RESOLUTIONS = ("APPLIED_REMOTE", "KEPT_LOCAL", "MERGED", "REVERTED", "apply_remote", "keep_local")
+
+
+class CommandError(Exception):
+    pass
+
+
+def _require_extension(conn):
+    version = db.extension_version(conn)
+    if not version:
+        raise CommandError("the steep_repl extension is not installed in this database. Fix: run "
+                           "playbooks/steep_foundation.yml (or CREATE EXTENSION steep_repl).")
+    return version
+
+
+def _require_function(conn, name, provided_by):
+    if not collect.has_function(conn, name):
+        raise CommandError("steep_repl.%s() does not exist in this database (steep_repl %s). Fix: install the "
+                           "steep_repl version that provides it (%s)." % (name, db.extension_version(conn), provided_by))
+
+
+def node_status(conn, args=None):
+    _require_extension(conn)
+    return dict(nodes=collect.nodes(conn))
+
+
+def node_add(conn, args):
+    _require_extension(conn)
+    name = db.validate_node_id(args.get("name"))
+    host = args.get("host") or "127.0.0.1"
+    port = int(args.get("port") or 5432)
+    priority = int(args.get("priority") if args.get("priority") is not None else 50)
+    before = db.fetch_one(conn, "SELECT node_id, node_name, host, port, priority FROM steep_repl.nodes WHERE node_id = %s",
+                          (name,))
+    wanted = dict(node_id=name, node_name=args.get("node_name") or name, host=host, port=port, priority=priority)
+    if before == wanted:
+        return dict(changed=False, node=wanted)
+    db.fetch_all(conn, "INSERT INTO steep_repl.nodes (node_id, node_name, host, port, priority) VALUES "
+                       "(%(node_id)s, %(node_name)s, %(host)s, %(port)s, %(priority)s) ON CONFLICT (node_id) DO UPDATE "
+                       "SET node_name = EXCLUDED.node_name, host = EXCLUDED.host, port = EXCLUDED.port, "
+                       "priority = EXCLUDED.priority", wanted)
+    collect.audit(conn, "node_added" if before is None else "node_updated", "node", name, before, wanted)
+    return dict(changed=True, node=wanted, note="add the node to replication.topology.nodes of every agent's config "
+                                                "so it is health-checked and can vote")
+
+
+def node_remove(conn, args):
+    _require_extension(conn)
+    name = db.validate_node_id(args.get("name"))
+    row = db.fetch_one(conn, "SELECT pg_catalog.to_jsonb(n) AS n FROM steep_repl.nodes n WHERE node_id = %s", (name,))
+    if row is None:
+        return dict(changed=False, node=name)
+    if row["n"].get("is_local"):
+        raise CommandError("node %s is this database's own node; it cannot be removed from itself. Fix: remove it "
+                           "from the other nodes." % name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM steep_repl.nodes WHERE node_id = %s", (name,))
+    except db.psycopg2.IntegrityError as exc:
+        raise CommandError("node %s still owns rows that reference it (%s). Fix: release its identity ranges first."
+                           % (name, str(exc).splitlines()[0]))
+    collect.audit(conn, "node_removed", "node", name, row["n"], None)
+    return dict(changed=True, node=name)
+
+
+def conflicts_list(conn, args=None):
+    args = args or {}
+    _require_extension(conn)
+    limit = int(args.get("limit") or 50)
+    where = "WHERE resolution = 'PENDING'" if args.get("pending") else ""
+    rows = db.fetch_all(conn, "SELECT id, detected_at::text, subscription, table_schema, table_name, conflict_type, "
+                              "resolution, resolved_at::text, resolved_by, origin_xid, local_tuple, remote_tuple "
+                              "FROM steep_repl.conflict_log %s ORDER BY id DESC LIMIT %%s" % where, (limit,))
+    return dict(conflicts=rows)
+
+
+def conflicts_resolve(conn, args):
+    _require_extension(conn)
+    resolution = args.get("resolution")
+    if not resolution:
+        raise CommandError("--resolution is required (e.g. APPLIED_REMOTE, KEPT_LOCAL)")
+    if args.get("xid") is not None:
+        _require_function(conn, "resolve_conflicts_bulk", "the conflicts feature, playbooks/steep_conflicts.yml")
+        n = db.fetch_value(conn, "SELECT steep_repl.resolve_conflicts_bulk(%s, %s::bigint)", (resolution, int(args["xid"])))
+        return dict(changed=bool(n), resolved=n)
+    if args.get("id") is None:
+        raise CommandError("give a conflict id (or --xid for every conflict of one origin transaction)")
+    _require_function(conn, "resolve_conflict", "the conflicts feature, playbooks/steep_conflicts.yml")
+    try:
+        result = db.fetch_value(conn, "SELECT steep_repl.resolve_conflict(%s::bigint, %s)::text",
+                                (int(args["id"]), resolution))
+    except db.psycopg2.Error as exc:
+        raise CommandError("resolving conflict %s failed: %s" % (args["id"], str(exc).strip().splitlines()[0]))
+    return dict(changed=True, id=int(args["id"]), result=result)
+
+
+def range_status(conn, args=None):
+    _require_extension(conn)
+    node = (args or {}).get("node")
+    return dict(ranges=collect.range_utilization(collect.range_rows(conn, node)))
+
+
+def range_allocate(conn, args):
+    _require_extension(conn)
+    table = args.get("table")
+    if not table:
+        raise CommandError("give the table as schema.table (e.g. public.orders)")
+    schema, _, name = db.split_qualified(table)
+    size = int(args.get("size") or 10000)
+    _require_function(conn, "allocate_range", "the identity ranges feature, playbooks/steep_ranges.yml")
+    try:
+        row = db.fetch_one(conn, "SELECT * FROM steep_repl.allocate_range(%s, %s, %s::bigint)", (schema, name, size))
+    except db.psycopg2.Error as exc:
+        raise CommandError("allocating a range for %s.%s failed: %s" % (schema, name, str(exc).strip().splitlines()[0]))
+    return dict(changed=True, table="%s.%s" % (schema, name), range=row)
+
+
+def init_status(conn, args=None):
+    _require_extension(conn)
+    out = []
+    for n in collect.nodes(conn):
+        out.append(dict(node_id=n.get("node_id"), init_state=n.get("init_state", "UNKNOWN"),
+                        init_state_reason=n.get("init_state_reason"), is_local=n.get("is_local")))
+    return dict(nodes=out)
+
+
+DB_COMMANDS = {
+    "node_status": node_status, "node_add": node_add, "node_remove": node_remove,
+    "conflicts_list": conflicts_list, "conflicts_resolve": conflicts_resolve,
+    "range_status": range_status, "range_allocate": range_allocate, "init_status": init_status,
+}
+
+
+def run(conn, cmd, args):
+    fn = DB_COMMANDS.get(cmd)
+    if fn is None:
+        raise CommandError("unknown command %r" % cmd)
+    try:
+        return fn(conn, args or {})
+    except db.SteepError as exc:
+        raise CommandError(str(exc))
+
+
+def dumps(data):
+    return json.dumps(data, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,215 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: steep.repl contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: init
+short_description: Initialise a new steep.repl node from a node of the running mesh
+description:
+  - Brings a new, empty node into an existing mesh while the other nodes keep taking writes, in three resumable steps
+    that C(playbooks/init_node.yml) runs in order (docs/node-init.md).
+  - C(prepare) checks the source (in the mesh, SYNCHRONIZED), the target (registered, empty for a snapshot init) and the
+    schemas (fingerprints, O(schema_sync)), then creates the target's replication slot on EVERY other node before anything
+    is copied and waits until the source has applied what each peer committed before its slot existed.
+  - C(copy) streams every replicated table with its row versions from the source (O(parallel_workers) tables at a time),
+    recording progress in C(steep_repl.init_progress) (view C(steep_repl.init_status)); tables already copied by an
+    interrupted run are skipped.
+  - C(finish) wires the target into the mesh on the prepared slots (via the replication logic of M(steep.repl.replication)),
+    waits until it has caught up and marks it SYNCHRONIZED on every node.
+  - C(complete) is the manual method's last step: after the user restored a backup of the source taken at O(source_lsn),
+    the source's slot skips what the backup holds, then C(finish) runs.
+  - C(status) only reads C(steep_repl.init_status) on the target.
+  - Every state change (UNINITIALIZED, PREPARING, COPYING, CATCHING_UP, SYNCHRONIZED, FAILED, ...) is written to
+    C(steep_repl.nodes) and C(audit_log) on every reachable node; a failure leaves the target FAILED with the reason, and a
+    re-run resumes.
+version_added: "1.1.0"
+author:
+  - steep.repl contributors
+extends_documentation_fragment:
+  - steep.repl.mesh_nodes
+options:
+  target:
+    description: Node id of the node to initialise (C(steep_init_target)).
+    type: str
+  source:
+    description: Node id of the SYNCHRONIZED node to copy from (C(steep_init_source)).
+    type: str
+  step:
+    description: Which step to run.
+    type: str
+    default: prepare
+    choices: [prepare, copy, finish, complete, status]
+  method:
+    description:
+      - C(snapshot) copies the data; C(manual) expects the user to restore a backup between C(prepare) and C(complete).
+    type: str
+    default: snapshot
+    choices: [snapshot, manual]
+  tables:
+    description: Replicated tables (C(steep_replicated_tables)).
+    type: list
+    elements: str
+    default: []
+  schemas:
+    description: Replicated schemas (C(steep_replicated_schemas)).
+    type: list
+    elements: str
+    default: []
+  exclude:
+    description: Excluded tables, fnmatch globs (C(steep_excluded_tables)).
+    type: list
+    elements: str
+    default: []
+  schema_sync:
+    description:
+      - C(strict) fails before copying when a replicated table differs between source and target.
+      - C(auto) creates tables missing on the target from the source's definition (pg_dump); differing existing tables
+        still fail.
+      - C(manual) warns and continues.
+    type: str
+    default: strict
+    choices: [strict, auto, manual]
+  parallel_workers:
+    description: Tables copied at the same time.
+    type: int
+    default: 4
+  source_lsn:
+    description: With O(step=complete), the LSN up to which the restored backup contains the source's data.
+    type: str
+  timeout:
+    description: Seconds to wait for the catch-up in C(finish).
+    type: int
+    default: 600
+notes:
+  - Supports C(check_mode) for C(prepare) (validates and reports the slots it would create) and C(status).
+  - Run it once for the mesh (C(run_once=true)), delegated to the controller; it connects to every node over TCP.
+"""
+
+EXAMPLES = r"""
+- name: Prepare node_c from node_a
+  steep.repl.init:
+    nodes: "{{ steep_mesh_nodes }}"
+    target: node_c
+    source: node_a
+    tables: [public.orders]
+    step: prepare
+  run_once: true
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+state:
+  description: Init state of the target after the step.
+  returned: success
+  type: str
+  sample: SYNCHRONIZED
+tables:
+  description: Replicated tables handled.
+  returned: success
+  type: list
+  elements: str
+rows:
+  description: Rows copied by a C(copy) step.
+  returned: when step is copy
+  type: int
+progress:
+  description: The target's C(steep_repl.init_status) row (tables/rows done and %, rows/s, ETA, current table).
+  returned: when step is copy or status
+  type: dict
+queries:
+  description: SQL of the step (slots created, subscriptions), without passwords.
+  returned: when available
+  type: list
+  elements: str
+"""
+
+import datetime
+import decimal
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, connect
+from ansible_collections.steep.repl.plugins.module_utils import nodeinit
+from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (datetime.datetime, datetime.timedelta)):
+        return str(value)
+    return value
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            nodes=dict(type="list", elements="dict", required=True, options=mesh_nodes_spec()),
+            target=dict(type="str"),
+            source=dict(type="str"),
+            step=dict(type="str", default="prepare", choices=["prepare", "copy", "finish", "complete", "status"]),
+            method=dict(type="str", default="snapshot", choices=["snapshot", "manual"]),
+            tables=dict(type="list", elements="str", default=[]),
+            schemas=dict(type="list", elements="str", default=[]),
+            exclude=dict(type="list", elements="str", default=[]),
+            schema_sync=dict(type="str", default="strict", choices=["strict", "auto", "manual"]),
+            parallel_workers=dict(type="int", default=4),
+            source_lsn=dict(type="str"),
+            timeout=dict(type="int", default=600),
+        ),
+        required_if=[("step", "prepare", ("target", "source")), ("step", "copy", ("target", "source")),
+                     ("step", "finish", ("target", "source")), ("step", "complete", ("target", "source", "source_lsn")),
+                     ("step", "status", ("target",))],
+        supports_check_mode=True,
+    )
+    p = module.params
+    specs = p["nodes"]
+    try:
+        if p["parallel_workers"] < 1:
+            raise SteepError("parallel_workers must be at least 1, got %s." % p["parallel_workers"])
+        if p["step"] == "status":
+            spec = [s for s in specs if s.get("node_id") == p["target"]]
+            if not spec:
+                raise SteepError("target %r is not in nodes" % p["target"])
+            from ansible_collections.steep.repl.plugins.module_utils.replication import Member
+            conn = connect(Member(spec[0]).conn_kw())
+            try:
+                rows = nodeinit.status(conn, p["target"])
+                state = nodeinit.init_state(conn, p["target"])
+            finally:
+                conn.close()
+            module.exit_json(changed=False, state=state, progress=_plain(rows[0]) if rows else None)
+        if module.check_mode and p["step"] != "prepare":
+            module.exit_json(changed=True, msg="check mode: step %s would run" % p["step"])
+        if p["step"] == "prepare":
+            res = nodeinit.prepare(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
+                                   p["schema_sync"], p["method"], module.check_mode)
+        elif p["step"] == "copy":
+            if p["method"] != "snapshot":
+                raise SteepError("the copy step belongs to the snapshot method; with method=manual restore your "
+                                 "backup and run step=complete with source_lsn.")
+            res = nodeinit.copy(specs, p["target"], p["source"], p["tables"] or [], p["parallel_workers"])
+            res["progress"] = res.pop("status", None)
+            res["tables"] = sorted(res.pop("per_table", {}))
+        else:
+            if p["step"] == "complete":
+                nodeinit.advance_source_slot(specs, p["target"], p["source"], p["source_lsn"])
+            res = nodeinit.finish(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
+                                  p["timeout"])
+        for w in res.pop("warnings", []) or []:
+            module.warn(w)
+        module.exit_json(**_plain(res))
+    except SteepError as exc:
+        module.fail_json(msg=str(exc))
+
+
+if __name__ == "__main__":
+    main()

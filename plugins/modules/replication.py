@@ -1,0 +1,155 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: steep.repl contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: replication
+short_description: Set up full-mesh bidirectional logical replication between steep.repl nodes
+description:
+  - Runs B(once for the whole mesh) (C(run_once=true), delegated to the controller) and connects to every node over TCP.
+  - On every node, creates or updates the publication (default C(steep_pub)) with the replicated tables and
+    C(steep_repl.row_version).
+  - For every ordered pair of nodes creates the logical slot C(steep_to_<subscriber>) on the publisher and the subscription
+    C(steep_from_<publisher>) on the subscriber, with C(origin = none), C(copy_data = false) and C(create_slot = false).
+  - Every slot is created before any subscription, each in its own autocommit statement, so creating the two subscriptions
+    of a pair can never deadlock.
+  - Installs the conflict triggers (C(steep_repl.enable_table)) on every replicated table of every node before any
+    subscription applies it, and removes them (C(steep_repl.disable_table)) from tables that leave the set.
+  - A C(steep_from_*) subscription or C(steep_to_*) slot naming a node that is not in O(nodes) belongs to a removed node and
+    is dropped. The removed node itself is not contacted.
+  - Adding a table and re-running adds it to every publication and refreshes every subscription with
+    C(copy_data = false).
+  - Validates everything (tables exist on every node, are ordinary tables, have a primary key) before changing anything.
+  - Takes a session advisory lock on every node (in node id order) so two runs never interleave.
+version_added: "1.1.0"
+author:
+  - steep.repl contributors
+extends_documentation_fragment:
+  - steep.repl.mesh_nodes
+options:
+  tables:
+    description: Replicated tables as C(schema.table) (C(steep_replicated_tables)); a bare name means C(public).
+    type: list
+    elements: str
+    default: []
+  schemas:
+    description: Schemas whose ordinary tables are all replicated (C(steep_replicated_schemas)).
+    type: list
+    elements: str
+    default: []
+  exclude:
+    description:
+      - fnmatch globs over C(schema.table) removed from the set (C(steep_excluded_tables)), e.g. C(staging.*).
+      - Exclusion wins over O(tables) and O(schemas).
+    type: list
+    elements: str
+    default: []
+  publication:
+    description: Name of the publication on every node.
+    type: str
+    default: steep_pub
+  lock_timeout:
+    description: Seconds to wait for another run's mesh lock before failing.
+    type: int
+    default: 300
+notes:
+  - Supports C(check_mode) (reports the SQL it would run in RV(queries), changes nothing) and C(diff) (per node publication
+    tables, subscriptions, slots and tables with conflict triggers, before and after).
+  - The initial data copy is not done here (C(copy_data = false)); rows written to a table before it joins the set are not
+    sent. Add tables while nothing writes to them.
+  - Needs C(psycopg2) on the controller.
+  - One mesh node per PostgreSQL cluster (slot names are cluster-wide).
+seealso:
+  - module: steep.repl.clock_check
+"""
+
+EXAMPLES = r"""
+- name: Set up the mesh
+  steep.repl.replication:
+    nodes:
+      - node_id: node_a
+        host: 10.0.0.1
+        password: "{{ vault_pg_password }}"
+        database: app
+      - node_id: node_b
+        host: 10.0.0.2
+        password: "{{ vault_pg_password }}"
+        database: app
+    tables: [public.orders, public.customers]
+    schemas: [sales]
+    exclude: ["sales.tmp_*"]
+  run_once: true
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+queries:
+  description: SQL run (or, in check mode, to run), each prefixed with the node as a comment; passwords are masked.
+  returned: always
+  type: list
+  elements: str
+  sample: ["/* node_a */ SELECT pg_catalog.pg_create_logical_replication_slot('steep_to_node_b', 'pgoutput')"]
+tables:
+  description: The resolved replicated tables (without C(steep_repl.row_version)).
+  returned: success
+  type: list
+  elements: str
+  sample: [public.orders]
+nodes:
+  description: Node ids of the mesh.
+  returned: success
+  type: list
+  elements: str
+removed_nodes:
+  description: Node ids whose stale subscriptions/slots were dropped.
+  returned: success
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.steep.repl.plugins.module_utils.db import (
+    HAS_PSYCOPG2, PSYCOPG2_IMPORT_ERROR, SteepError)
+from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
+from ansible_collections.steep.repl.plugins.module_utils.replication import (
+    PUBLICATION, ensure_mesh, redact)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            nodes=dict(type="list", elements="dict", required=True, options=mesh_nodes_spec()),
+            tables=dict(type="list", elements="str", default=[]),
+            schemas=dict(type="list", elements="str", default=[]),
+            exclude=dict(type="list", elements="str", default=[]),
+            publication=dict(type="str", default=PUBLICATION),
+            lock_timeout=dict(type="int", default=300),
+        ),
+        supports_check_mode=True,
+    )
+    if not HAS_PSYCOPG2:
+        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
+    p = module.params
+    secrets = [n.get("password") for n in p["nodes"] if n.get("password")]
+    try:
+        result = ensure_mesh(p["nodes"], tables=p["tables"], schemas=p["schemas"], excluded=p["exclude"],
+                             publication=p["publication"], check_mode=module.check_mode,
+                             lock_timeout=p["lock_timeout"])
+    except SteepError as exc:
+        module.fail_json(msg=redact(str(exc), secrets), queries=[])
+    for w in result.pop("warnings"):
+        module.warn(w)
+    diff = result.pop("diff")
+    if module._diff:
+        result["diff"] = diff
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Coordinator election with real agents on a real 3-node lab: failover within the timeout, exactly one
+coordinator, and no coordinator without a majority."""
+import signal
+import threading
+import time
+
+import pytest
+
+from agent_support import AgentProc, make_configs, setup_extension, wait_for
+
+INTERVAL, TIMEOUT, THRESHOLD = 0.5, 2.0, 2
+ELECTION_TIMEOUT = INTERVAL * THRESHOLD + TIMEOUT  # the config's default election_timeout
+
+
+class Watcher:
+    """Polls every agent's /status and records the set of self-declared coordinators over time."""
+
+    def __init__(self, agents):
+        self.agents = agents
+        self.samples = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            coords = set()
+            for name, a in self.agents.items():
+                code, body = a.get("/status", timeout=2)
+                if body and body.get("role") == "coordinator":
+                    coords.add(name)
+            self.samples.append((time.time(), coords))
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+def roles(agents):
+    return {n: (a.get("/status")[1] or {}).get("role") for n, a in agents.items()}
+
+
+@pytest.mark.parametrize("mode", ["mesh", "star"])
+def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode):
+    lab = lab_factory(count=3, majors=(17, 18))
+    setup_extension(lab)
+    cfgs = make_configs(tmp_path, lab, interval="%ss" % INTERVAL, timeout="%ss" % TIMEOUT, threshold=THRESHOLD, mode=mode)
+    agents = {n: AgentProc(p, port, tmp_path / ("%s.log" % n)).start() for n, (p, port) in cfgs.items()}
+    try:
+        assert wait_for(lambda: roles(agents) == {"node1": "coordinator", "node2": "follower", "node3": "follower"}, 30), \
+            roles(agents)
+        assert all(a.get("/status")[1]["coordinator"] == "node1" for a in agents.values())
+        with Watcher(agents) as w:
+            # kill the coordinator's node (its PostgreSQL): a new coordinator within the election timeout
+            t0 = time.time()
+            lab.node("node1").kill()
+            took = wait_for(lambda: roles(agents).get("node2") == "coordinator" and time.time() - t0, 30, step=0.1)
+            assert took, roles(agents)
+            assert took <= ELECTION_TIMEOUT + 2 * INTERVAL + 1.0, took
+            assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == "node2" for a in agents.values()), 10)
+            # the dead node's agent keeps running and votes for node2
+            assert agents["node1"].get("/status")[1]["vote"] == "node2"
+            assert lab.node("node2").sql("SELECT value->>'node', (value->>'quorum')::int FROM steep_repl.coordinator_state") \
+                == [("node2", 2)]
+            assert lab.node("node3").sql("SELECT node_id FROM steep_repl.nodes WHERE is_coordinator") == [("node2",)]
+
+            # lose the majority: only node2's own vote is left -> it must step down
+            for n in ("node3", "node1"):
+                agents[n].proc.send_signal(signal.SIGKILL)
+                agents[n].proc.wait()
+            assert wait_for(lambda: roles({"node2": agents["node2"]})["node2"] == "follower", 15)
+            h = wait_for(lambda: (lambda b: b if b["checks"]["peer_connectivity"] == "critical" else None)(
+                agents["node2"].get("/health")[1]), 10)
+            assert h and h["checks"]["coordinator"]["status"] == "warning" and h["status"] == "unhealthy"
+            assert agents["node2"].get("/coordinator")[0] == 503
+        # never more than one coordinator at any sample
+        assert w.samples and max(len(c) for _, c in w.samples) <= 1, [c for _, c in w.samples if len(c) > 1][:3]
+        assert agents["node2"].proc.poll() is None
+    finally:
+        for a in agents.values():
+            a.stop()

@@ -1,0 +1,235 @@
+"""Full-mesh replication set-up on real labs with the real site.yml (no mocks)."""
+import concurrent.futures
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mesh  # noqa: E402
+from conftest import run_playbook  # noqa: E402
+from steeplab import LAB_PASSWORD  # noqa: E402
+
+T = "CREATE TABLE public.t (id int PRIMARY KEY, v text)"
+GV = {"steep_replicated_tables": ["public.t"]}
+MESH_TASK = "Set up the replication mesh"
+CLOCK_TASK = "Check the clock drift"
+
+
+def task(res, name):
+    got = res.task_results(name)
+    assert got, "task %r did not run: %s" % (name, res.failure_messages())
+    return got[0][1]
+
+
+def states(lab, nodes=None):
+    return {n.name: mesh.mesh_state(n) for n in (mesh._lab_nodes(lab, nodes))}
+
+
+def triggers(lab):
+    return {n.name: n.sql("SELECT tgrelid::regclass::text, tgname FROM pg_trigger "
+                          "WHERE tgname LIKE 'steep%%' ORDER BY 1, 2") for n in lab.nodes}
+
+
+def write_everywhere_and_converge(lab, table="t", start=0, nodes=None):
+    members = mesh._lab_nodes(lab, nodes)
+    for i, n in enumerate(members):
+        n.sql("INSERT INTO %s VALUES (%%s, %%s)" % table, (start + i, n.name))
+    rows = mesh.wait_converged(lab, "SELECT id, v FROM %s ORDER BY id" % table, nodes=nodes)
+    for i, n in enumerate(members):
+        assert (start + i, n.name) in rows
+    return rows
+
+
+@pytest.mark.parametrize("count,majors", [(2, (18,)), (2, (17,)), (3, (17, 18))],
+                         ids=["pg18-2nodes", "pg17-2nodes", "mixed-3nodes"])
+def test_mesh_setup_replicates_every_direction_and_is_idempotent(lab_factory, count, majors):
+    lab = lab_factory(count=count, majors=majors)
+    inv = mesh.build_mesh(lab, T, GV)
+    mesh.assert_healthy(lab)
+    ids = [n.name for n in lab.nodes]
+    for n in lab.nodes:
+        st = mesh.mesh_state(n)
+        peers = [p for p in ids if p != n.name]
+        assert st["subscriptions"] == {"steep_from_" + p: True for p in peers}
+        assert st["slots"] == ["steep_to_" + p for p in peers]
+        assert "public.t" in st["publication"]
+    write_everywhere_and_converge(lab)
+    # second run: nothing to do, the clock check passed with a small drift, no password anywhere
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    assert res.changed() == 0, res.stdout[-3000:]
+    assert task(res, MESH_TASK)["queries"] == []
+    clock = task(res, CLOCK_TASK)
+    assert clock["status"] == "ok" and clock["drift_ms"] < 100, clock
+    assert set(clock["offsets"]) == set(ids)
+    assert LAB_PASSWORD not in res.stdout + res.stderr
+    mesh.assert_healthy(lab)
+
+
+def test_first_run_reports_queries_without_the_password(lab_factory):
+    lab = lab_factory(count=2, majors=(18,))
+    inv = mesh.build_mesh(lab, T, GV, run=False)
+    res = run_playbook("site.yml", inv, extra_args=["-v"])
+    assert res.rc == 0, res.failure_messages()
+    queries = task(res, MESH_TASK)["queries"]
+    creates = [q for q in queries if "CREATE SUBSCRIPTION" in q]
+    assert len(creates) == 2 and all("password=********" in q for q in creates)
+    slot_idx = [i for i, q in enumerate(queries) if "pg_create_logical_replication_slot" in q]
+    sub_idx = [i for i, q in enumerate(queries) if "CREATE SUBSCRIPTION" in q]
+    assert max(slot_idx) < min(sub_idx)
+    assert LAB_PASSWORD not in res.stdout + res.stderr
+    # the server keeps the real conninfo (the subscription works), the module never shows it
+    assert all(n.sql("SELECT count(*) FROM pg_subscription WHERE subconninfo LIKE %s",
+                     ("%" + LAB_PASSWORD + "%",))[0][0] == 1 for n in lab.nodes)
+    mesh.assert_healthy(lab)
+
+
+def test_check_mode_and_diff_change_nothing(lab_factory):
+    lab = lab_factory(count=2, majors=(17, 18))
+    inv = mesh.build_mesh(lab, T, GV, run=False)
+    before, trig_before = states(lab), triggers(lab)
+    res = run_playbook("site.yml", inv, check=True, diff=True)
+    assert res.rc == 0, res.failure_messages()
+    r = task(res, MESH_TASK)
+    assert r["changed"] is True
+    assert any("CREATE SUBSCRIPTION" in q for q in r["queries"])
+    assert r["diff"]["before"]["node1"]["subscriptions"] == []
+    assert r["diff"]["after"]["node1"]["subscriptions"] == ["steep_from_node2"]
+    assert states(lab) == before and triggers(lab) == trig_before
+    # now for real, then a check run on a converged mesh with one more table
+    assert run_playbook("site.yml", inv).rc == 0
+    for n in lab.nodes:
+        n.sql("CREATE TABLE public.t2 (id int PRIMARY KEY, v text)")
+    mid = states(lab)
+    gv = {"steep_replicated_tables": ["public.t", "public.t2"]}
+    inv = lab.write_inventory(inv, group_vars=gv)
+    res = run_playbook("site.yml", inv, check=True, diff=True)
+    assert res.rc == 0, res.failure_messages()
+    r = task(res, MESH_TASK)
+    assert r["changed"] is True
+    assert any("ADD TABLE" in q and "t2" in q for q in r["queries"])
+    assert any("REFRESH PUBLICATION" in q for q in r["queries"])
+    assert "public.t2" in r["diff"]["after"]["node2"]["publication"]
+    assert states(lab) == mid
+
+
+def test_adding_a_table_extends_publication_and_refreshes_subscriptions(lab_factory):
+    lab = lab_factory(count=2, majors=(18,))
+    inv = mesh.build_mesh(lab, T, GV)
+    for n in lab.nodes:
+        n.sql("CREATE TABLE public.t2 (id int PRIMARY KEY, v text)")
+    gv = {"steep_replicated_tables": ["public.t"], "steep_replicated_schemas": [],
+          "steep_excluded_tables": []}
+    gv["steep_replicated_tables"].append("public.t2")
+    inv = lab.write_inventory(inv, group_vars=gv)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    queries = task(res, MESH_TASK)["queries"]
+    assert sum("REFRESH PUBLICATION WITH (copy_data = false)" in q for q in queries) == 2
+    for n in lab.nodes:
+        assert "public.t2" in mesh.mesh_state(n)["publication"]
+        assert n.sql("SELECT count(*) FROM pg_subscription_rel WHERE srrelid = 'public.t2'::regclass")[0][0] == 1
+    write_everywhere_and_converge(lab, "t2")
+    write_everywhere_and_converge(lab, "t", start=10)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0 and res.changed() == 0
+
+
+def test_schemas_and_exclusion_globs(lab_factory):
+    lab = lab_factory(count=2, majors=(18,))
+    setup = ["CREATE SCHEMA sales",
+             "CREATE TABLE sales.orders (id int PRIMARY KEY, v text)",
+             "CREATE TABLE sales.tmp_load (id int PRIMARY KEY, v text)",
+             "CREATE TABLE sales.scratch_nopk (v text)"]
+    gv = {"steep_replicated_schemas": ["sales"],
+          "steep_excluded_tables": ["sales.tmp_*", "sales.scratch_*"]}
+    mesh.build_mesh(lab, setup, gv)
+    for n in lab.nodes:
+        pub = mesh.mesh_state(n)["publication"]
+        assert "sales.orders" in pub and "sales.tmp_load" not in pub and "sales.scratch_nopk" not in pub
+    write_everywhere_and_converge(lab, "sales.orders")
+
+
+def test_removing_a_node_drops_its_subscriptions_and_slots_everywhere(lab_factory):
+    lab = lab_factory(count=3, majors=(17, 18))
+    inv = mesh.build_mesh(lab, T, GV)
+    mesh.assert_healthy(lab)
+    node3_before = mesh.mesh_state(lab.node("node3"))
+    inv2 = lab.write_inventory(lab.root / "inventory-2.yml", group_vars=GV, nodes=["node1", "node2"])
+    res = run_playbook("site.yml", inv2)
+    assert res.rc == 0, res.failure_messages()
+    r = task(res, MESH_TASK)
+    assert r["removed_nodes"] == ["node3"]
+    for name in ("node1", "node2"):
+        st = mesh.mesh_state(lab.node(name))
+        assert not any("node3" in s for s in st["subscriptions"]), st
+        assert not any("node3" in s for s in st["slots"]), st
+    # the departed node itself is not contacted
+    assert mesh.mesh_state(lab.node("node3"))["subscriptions"] == node3_before["subscriptions"]
+    mesh.assert_healthy(lab, nodes=["node1", "node2"])
+    write_everywhere_and_converge(lab, nodes=["node1", "node2"])
+    res = run_playbook("site.yml", inv2)
+    assert res.rc == 0 and res.changed() == 0, res.failure_messages()
+    assert inv.exists()
+
+
+def test_table_without_primary_key_is_refused_and_nothing_changes(lab_factory):
+    lab = lab_factory(count=2, majors=(18,))
+    gv = {"steep_replicated_tables": ["public.t", "public.nopk"]}
+    inv = mesh.build_mesh(lab, [T, "CREATE TABLE public.nopk (v text)"], gv, run=False)
+    before, trig_before = states(lab), triggers(lab)
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0
+    msg = " ".join(res.failure_messages())
+    assert "public.nopk has no primary key" in msg and "ADD PRIMARY KEY" in msg
+    assert "steep_excluded_tables" in msg and "nothing was changed" in msg
+    assert states(lab) == before and triggers(lab) == trig_before  # second query: nothing changed
+    # on an existing mesh the refusal changes nothing either
+    inv = lab.write_inventory(inv, group_vars=GV)
+    assert run_playbook("site.yml", inv).rc == 0
+    before, trig_before = states(lab), triggers(lab)
+    inv = lab.write_inventory(inv, group_vars=gv)
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0 and "public.nopk has no primary key" in " ".join(res.failure_messages())
+    assert states(lab) == before and triggers(lab) == trig_before
+
+
+def test_unknown_or_partly_missing_table_is_refused_and_nothing_changes(lab_factory):
+    lab = lab_factory(count=2, majors=(18,))
+    inv = mesh.build_mesh(lab, T, {"steep_replicated_tables": ["public.t", "public.nope"]}, run=False)
+    before = states(lab)
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0
+    assert "public.nope does not exist on any node" in " ".join(res.failure_messages())
+    assert states(lab) == before
+    lab.node("node1").sql("CREATE TABLE public.only1 (id int PRIMARY KEY)")
+    inv = lab.write_inventory(inv, group_vars={"steep_replicated_tables": ["public.t", "public.only1"]})
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0
+    assert "public.only1 is missing on node(s) node2 (present on node1)" in " ".join(res.failure_messages())
+    assert states(lab) == before
+
+
+def _teardown_mesh(lab):
+    for n in lab.nodes:
+        for (name,) in n.sql("SELECT subname FROM pg_subscription WHERE subname LIKE 'steep%%'"):
+            n.sql('DROP SUBSCRIPTION "%s"' % name)
+    for n in lab.nodes:
+        n.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+              "WHERE slot_name LIKE 'steep%%'")
+        n.sql("DROP PUBLICATION IF EXISTS steep_pub")
+
+
+def test_three_node_setup_with_forks_and_concurrent_runs_never_deadlocks(lab_factory):
+    lab = lab_factory(count=3, majors=(18,))
+    inv = mesh.build_mesh(lab, T, GV, run=False)
+    for attempt in range(3):
+        _teardown_mesh(lab)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(run_playbook, "site.yml", inv, extra_args=["--forks", "3"], timeout=240)
+                    for _ in range(2)]
+            results = [f.result() for f in runs]
+        assert all(r.rc == 0 for r in results), [r.failure_messages() for r in results]
+        mesh.assert_healthy(lab)
+    write_everywhere_and_converge(lab)

@@ -1,0 +1,321 @@
+"""Unit tests of the pure parts of module_utils/replication.py (no database needed)."""
+import pytest
+
+from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils import replication as r
+
+
+def cat(**tables):
+    """{'schema.table': {'kind', 'has_pk', 'partition'}} from name=(kind, has_pk)."""
+    out = {}
+    for name, (kind, pk) in tables.items():
+        out[name.replace("__", ".")] = {"kind": kind, "has_pk": pk, "partition": False}
+    return out
+
+
+BOTH = {"a": cat(public__t=("r", True), public__u=("r", True), sales__o=("r", True),
+                 sales__tmp_x=("r", True), sales__v=("v", False)),
+        "b": cat(public__t=("r", True), public__u=("r", True), sales__o=("r", True),
+                 sales__tmp_x=("r", True), sales__v=("v", False))}
+
+
+# --------------------------------------------------------------------------- names
+def test_names_fit_in_namedatalen_for_the_longest_node_id():
+    longest = "n" * 40
+    assert r.validate_node_id(longest) == longest
+    assert len(r.subscription_name(longest)) <= 63
+    assert len(r.slot_name(longest)) <= 63
+
+
+def test_peer_of_parses_only_steep_names():
+    assert r.peer_of("steep_from_node_a", r.SUB_PREFIX) == "node_a"
+    assert r.peer_of("steep_to_node_b", r.SLOT_PREFIX) == "node_b"
+    assert r.peer_of("other_sub", r.SUB_PREFIX) is None
+    assert r.peer_of("steep_from_", r.SUB_PREFIX) is None
+
+
+# --------------------------------------------------------------------------- table selection
+def test_explicit_tables_default_schema_public():
+    assert r.resolve_tables(BOTH, ["t", "public.u"], [], []) == ["public.t", "public.u"]
+
+
+def test_schema_expansion_takes_only_ordinary_tables_and_exclusion_globs_win():
+    got = r.resolve_tables(BOTH, ["public.t"], ["sales"], ["sales.tmp_*"])
+    assert got == ["public.t", "sales.o"]
+
+
+def test_exclusion_also_removes_explicit_tables():
+    assert r.resolve_tables(BOTH, ["public.t", "public.u"], [], ["public.u"]) == ["public.t"]
+
+
+def test_table_missing_on_one_node_names_node_and_fix():
+    cats = {"a": cat(public__t=("r", True)), "b": cat()}
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(cats, ["public.t"], [], [])
+    msg = str(err.value)
+    assert "public.t is missing on node(s) b (present on a)" in msg
+    assert "Fix:" in msg and "nothing was changed" in msg
+
+
+def test_unknown_table_names_table_and_fix():
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(BOTH, ["public.nope"], [], [])
+    assert "public.nope does not exist on any node" in str(err.value)
+    assert "steep_replicated_tables" in str(err.value)
+
+
+def test_table_without_primary_key_is_refused_with_the_fix():
+    cats = {"a": cat(public__nopk=("r", False)), "b": cat(public__nopk=("r", False))}
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(cats, ["public.nopk"], [], [])
+    msg = str(err.value)
+    assert "public.nopk has no primary key (on a, b)" in msg
+    assert "ALTER TABLE public.nopk ADD PRIMARY KEY" in msg
+    assert "steep_excluded_tables" in msg
+
+
+def test_no_pk_table_can_be_excluded_from_a_schema():
+    cats = {n: dict(c, **cat(sales__nopk=("r", False))) for n, c in BOTH.items()}
+    with pytest.raises(SteepError):
+        r.resolve_tables(cats, [], ["sales"], ["sales.tmp_*"])
+    assert r.resolve_tables(cats, [], ["sales"], ["sales.tmp_*", "sales.nopk"]) == ["sales.o"]
+
+
+def test_view_is_refused():
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(BOTH, ["sales.v"], [], [])
+    assert "sales.v is not an ordinary table on a (view), b (view)" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["a.b.c", ".t", "s.", "", "  "])
+def test_malformed_table_names(bad):
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(BOTH, [bad], [], [])
+    assert "Fix:" in str(err.value)
+
+
+def test_reserved_schema_refused():
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(BOTH, ["steep_repl.nodes"], [], [])
+    assert "reserved" in str(err.value)
+    with pytest.raises(SteepError):
+        r.resolve_tables(BOTH, [], ["pg_catalog"], [])
+
+
+def test_unknown_schema_refused_when_presence_known():
+    with pytest.raises(SteepError) as err:
+        r.resolve_tables(BOTH, [], ["nosuch"], [], {"a": {"public"}, "b": {"public"}})
+    assert "schema nosuch" in str(err.value)
+    # an existing but empty schema is fine
+    assert r.resolve_tables(BOTH, [], ["empty"], [], {"a": {"empty"}, "b": set()}) == []
+
+
+# --------------------------------------------------------------------------- clock
+def m(offset, rtt=0.2):
+    return {"offset_ms": offset, "rtt_ms": rtt}
+
+
+def test_drift_ok():
+    v = r.evaluate_drift({"a": m(0.0), "b": m(3.0), "c": m(-2.0)}, 100, 1000)
+    assert v["status"] == "ok" and v["drift_ms"] == 5.0 and v["pair"] == ["c", "b"]
+    assert v["uncertainty_ms"] == 0.2
+
+
+def test_drift_warn_above_warn_threshold():
+    v = r.evaluate_drift({"a": m(0.0), "b": m(150.0)}, 100, 1000)
+    assert v["status"] == "warn" and "steep_warn_drift_ms=100" in v["message"]
+
+
+def test_drift_fail_above_max_names_fix():
+    v = r.evaluate_drift({"a": m(-600.0), "b": m(600.0)}, 100, 1000)
+    assert v["status"] == "fail" and v["drift_ms"] == 1200.0
+    assert "steep_max_drift_ms=1000" in v["message"] and "NTP" in v["message"]
+    assert "between a and b" in v["message"]
+
+
+def test_drift_exactly_at_limit_passes():
+    assert r.evaluate_drift({"a": m(0.0), "b": m(1000.0)}, 100, 1000)["status"] == "warn"
+    assert r.evaluate_drift({"a": m(0.0), "b": m(100.0)}, 100, 1000)["status"] == "ok"
+
+
+def test_drift_controller_offset_cancels_out():
+    # both nodes 5 s ahead of the controller: they agree with each other
+    assert r.evaluate_drift({"a": m(5000.0), "b": m(5001.0)}, 100, 1000)["status"] == "ok"
+
+
+@pytest.mark.parametrize("warn,mx", [(-1, 1000), (100, -5), (2000, 1000)])
+def test_drift_bad_thresholds(warn, mx):
+    with pytest.raises(SteepError):
+        r.evaluate_drift({"a": m(0), "b": m(1)}, warn, mx)
+
+
+def test_best_offset_uses_min_rtt_sample_with_rtt_half_compensation():
+    samples = [(10_000.0, 10_060.0, 10_004.0),   # rtt 4 ms
+               (20_000.0, 20_050.05, 20_000.1)]  # rtt 0.1 ms, server 50 ms ahead of the midpoint
+    got = r.best_offset(samples)
+    assert got["rtt_ms"] == pytest.approx(0.1)
+    assert got["offset_ms"] == pytest.approx(50.0, abs=0.01)
+    with pytest.raises(SteepError):
+        r.best_offset([])
+
+
+# --------------------------------------------------------------------------- conninfo
+def test_conninfo_rendering_quotes_and_hides_password():
+    p = {"host": "10.0.0.1", "port": 5432, "user": "post gres", "password": "s'ec\\ret", "dbname": "app"}
+    full = r.render_conninfo(p)
+    assert "password='s\\'ec\\\\ret'" in full and "user='post gres'" in full
+    hidden = r.render_conninfo(p, hide_password=True)
+    assert "s'ec" not in hidden and r.REDACTED in hidden
+    assert r.parse_conninfo(full)["password"] == "s'ec\\ret"
+    assert r.conninfo_matches(full, p)
+    assert not r.conninfo_matches(full, dict(p, password="other"))
+    assert not r.conninfo_matches(full, dict(p, port=5433))
+    assert not r.conninfo_matches("garbage ='", p)
+
+
+def test_redact():
+    assert r.redact("password=abc host=x", ["abc", None, ""]) == "password=******** host=x"
+
+
+# --------------------------------------------------------------------------- planning
+def member(i, **kw):
+    spec = {"node_id": i, "host": "h_" + i, "port": 5432, "password": "pw", "database": "db"}
+    spec.update(kw)
+    return r.Member(spec)
+
+
+def empty_state(**kw):
+    st = {"extension": "1.1", "has_row_version": True, "has_enable": True, "has_disable": True,
+          "publication": False, "pub_all_tables": False, "pub_tables": [], "enabled_tables": [],
+          "subscriptions": {}, "slots": {}, "database": "db"}
+    st.update(kw)
+    return st
+
+
+def test_plan_fresh_mesh_creates_every_slot_before_any_subscription():
+    ms = [member("a"), member("b"), member("c")]
+    states = {x.node_id: empty_state() for x in ms}
+    actions, warnings, info = r.plan(ms, states, ["public.t"])
+    phases = [a.phase for a in actions]
+    assert phases == sorted(phases)
+    kinds = [(a.node, a.phase) for a in actions]
+    assert sum(1 for _n, p in kinds if p == 5) == 6   # one slot per ordered pair
+    assert sum(1 for _n, p in kinds if p == 6) == 6
+    assert sum(1 for _n, p in kinds if p == 1) == 3   # enable_table on every node first
+    last_slot = max(i for i, a in enumerate(actions) if a.phase == 5)
+    first_sub = min(i for i, a in enumerate(actions) if a.phase == 6)
+    assert last_slot < first_sub
+    assert warnings == []
+    assert info["publication_tables"] == ["public.t", "steep_repl.row_version"]
+    sub = [a for a in actions if a.phase == 6 and a.node == "a"][0]
+    assert "steep_from_b" in sub.query and "create_slot = false" in sub.query and "origin = none" in sub.query
+    assert "copy_data = false" in sub.query and '"steep_to_a"' in sub.query
+    assert "pw" in sub.args[0] and "pw" not in sub.display_args[0]
+
+
+def test_plan_stale_node_dropped_everywhere():
+    ms = [member("a"), member("b")]
+    slot = {"database": "db", "plugin": "pgoutput", "active": False, "active_pid": None}
+
+    def sub(peer, slot_of):
+        return {"enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
+                "slot": "steep_to_" + slot_of, "origin": "none", "publications": ["steep_pub"],
+                "tables": ["public.t", "steep_repl.row_version"]}
+    common = dict(publication=True, pub_tables=["public.t", "steep_repl.row_version"], enabled_tables=["public.t"])
+    states = {
+        "a": empty_state(subscriptions={"steep_from_b": sub("b", "a"), "steep_from_c": sub("c", "a")},
+                         slots={"steep_to_b": slot, "steep_to_c": slot}, **common),
+        "b": empty_state(subscriptions={"steep_from_a": sub("a", "b"), "steep_from_c": sub("c", "b")},
+                         slots={"steep_to_a": slot, "steep_to_c": slot}, **common),
+    }
+    actions, _w, info = r.plan(ms, states, ["public.t"])
+    assert info["removed_nodes"] == ["c"]
+    texts = [(a.node, a.query % (a.args or ())) if a.args and "%s" in a.query else (a.node, a.query) for a in actions]
+    for node in ("a", "b"):
+        assert (node, 'ALTER SUBSCRIPTION "steep_from_c" DISABLE') in texts
+        assert (node, 'ALTER SUBSCRIPTION "steep_from_c" SET (slot_name = NONE)') in texts
+        assert (node, 'DROP SUBSCRIPTION "steep_from_c"') in texts
+        assert any(n == node and a.kind == "drop_slot" and a.args == ("steep_to_c",) for a in actions for n in [a.node])
+    assert len(actions) == 8  # nothing else to do
+
+
+def test_plan_converged_is_empty_and_table_added_refreshes():
+    ms = [member("a"), member("b")]
+    slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
+
+    def st(me, peer, tables):
+        return empty_state(publication=True, pub_tables=tables, enabled_tables=[t for t in tables if not t.startswith("steep_repl")],
+                           subscriptions={"steep_from_" + peer: {
+                               "enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
+                               "slot": "steep_to_" + me, "origin": "none", "publications": ["steep_pub"],
+                               "tables": tables}},
+                           slots={"steep_to_" + peer: slot})
+    tables = ["public.t", "steep_repl.row_version"]
+    states = {"a": st("a", "b", tables), "b": st("b", "a", tables)}
+    assert r.plan(ms, states, ["public.t"])[0] == []
+    actions = r.plan(ms, states, ["public.t", "public.u"])[0]
+    assert [a.phase for a in actions] == [1, 1, 2, 2, 7, 7]
+    assert "REFRESH PUBLICATION WITH (copy_data = false)" in actions[-1].query
+    # removing public.t: dropped from the publication, refreshed, THEN triggers off
+    actions = r.plan(ms, states, [])[0]
+    assert [a.phase for a in actions] == [2, 2, 7, 7, 8, 8]
+    assert "disable_table" in actions[-1].query
+
+
+def test_plan_changed_password_alters_connection_without_showing_it():
+    ms = [member("a"), member("b", password="new-secret")]
+    slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
+    tables = ["steep_repl.row_version"]
+    states = {
+        "a": empty_state(publication=True, pub_tables=tables, slots={"steep_to_b": slot}, subscriptions={
+            "steep_from_b": {"enabled": True, "conninfo": r.render_conninfo(member("b").peer_conninfo()),
+                             "slot": "steep_to_a", "origin": "none", "publications": ["steep_pub"], "tables": tables}}),
+        "b": empty_state(publication=True, pub_tables=tables, slots={"steep_to_a": slot}, subscriptions={
+            "steep_from_a": {"enabled": False, "conninfo": r.render_conninfo(member("a").peer_conninfo()),
+                             "slot": "steep_to_b", "origin": "any", "publications": ["steep_pub"], "tables": tables}}),
+    }
+    actions = r.plan(ms, states, [])[0]
+    q = [(a.node, a.query) for a in actions]
+    assert ("a", 'ALTER SUBSCRIPTION "steep_from_b" CONNECTION %s') in q
+    alter = [a for a in actions if "CONNECTION" in a.query][0]
+    assert "new-secret" in alter.args[0] and "new-secret" not in alter.display_args[0]
+    assert ("b", 'ALTER SUBSCRIPTION "steep_from_a" SET (origin = none)') in q
+    assert ("b", 'ALTER SUBSCRIPTION "steep_from_a" ENABLE') in q
+
+
+def test_plan_without_conflict_engine_warns_and_skips_triggers():
+    ms = [member("a"), member("b")]
+    states = {x.node_id: empty_state(has_enable=False, has_row_version=False) for x in ms}
+    actions, warnings, info = r.plan(ms, states, ["public.t"])
+    assert not any(a.phase == 1 for a in actions)
+    assert any("enable_table" in w for w in warnings)
+    assert info["publication_tables"] == ["public.t"]
+
+
+def test_plan_row_version_on_some_nodes_only_is_an_error():
+    ms = [member("a"), member("b")]
+    states = {"a": empty_state(), "b": empty_state(has_row_version=False)}
+    with pytest.raises(SteepError) as err:
+        r.plan(ms, states, [])
+    assert "ALTER EXTENSION steep_repl UPDATE" in str(err.value)
+
+
+def test_plan_refuses_all_tables_publication():
+    ms = [member("a"), member("b")]
+    states = {"a": empty_state(publication=True, pub_all_tables=True), "b": empty_state()}
+    with pytest.raises(SteepError) as err:
+        r.plan(ms, states, [])
+    assert "DROP PUBLICATION steep_pub" in str(err.value)
+
+
+def test_members_validation():
+    with pytest.raises(SteepError):
+        r.build_members([{"node_id": "a"}])
+    with pytest.raises(SteepError):
+        r.build_members([{"node_id": "a"}, {"node_id": "a"}])
+    with pytest.raises(SteepError):
+        r.build_members([{"node_id": "a"}, {"node_id": "Bad-Id"}])
+    got = r.build_members([{"node_id": "b", "replication_host": "10.1.1.2"}, {"node_id": "a"}])
+    assert [x.node_id for x in got] == ["a", "b"]
+    assert got[1].peer_conninfo()["host"] == "10.1.1.2"
+    assert got[1].conn_kw()["host"] == "127.0.0.1"
