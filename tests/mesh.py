@@ -117,12 +117,15 @@ def mesh_state(node):
 
 
 def _caught_up(members, targets):
+    """Slots (publisher, slot, confirmed, target) feeding a member that have not yet
+    confirmed the publisher's WAL position ``targets[publisher]``."""
     behind = []
     for node in members:
+        wanted = [SLOT_PREFIX + m.node_id for m in members if m is not node]
         rows = node.sql(
             "SELECT slot_name, confirmed_flush_lsn::text, "
             "coalesce(confirmed_flush_lsn >= %s::pg_lsn, false) FROM pg_catalog.pg_replication_slots "
-            "WHERE slot_name LIKE 'steep\\_to\\_%%' AND slot_type = 'logical'", (targets[node.name],))
+            "WHERE slot_name = ANY(%s) AND slot_type = 'logical'", (targets[node.name], wanted))
         behind.extend((node.name, s, lsn, targets[node.name]) for s, lsn, ok in rows if not ok)
     return behind
 

@@ -121,7 +121,7 @@ class Agent:
         self.started = time.time()
         self.last_cycle_end = None
         self.snapshot = dict(node=self.me["name"], status="starting", role="follower", vote=None, checks={},
-                             ts=utcnow(), version=__version__)
+                             peers={}, coordinator=None, ts=utcnow(), version=__version__)
         self.health = dict(status="unhealthy", node=self.me["name"], checks={"agent": "starting"})
         self.servers = []
         self.readonly = False  # the CLI's one-shot fallback never writes

@@ -187,7 +187,8 @@ def build_parser():
     cl.add_argument("--limit", type=int, default=50)
     cr = cf.add_parser("resolve", parents=[common], help="resolve a conflict (steep_repl.resolve_conflict)")
     cr.add_argument("id", nargs="?", type=int)
-    cr.add_argument("--resolution", required=True)
+    cr.add_argument("--resolution", required=True, help="local, remote or merge (or KEPT_LOCAL, APPLIED_REMOTE, MERGED)")
+    cr.add_argument("--merged", help="merge: the merged row as a JSON object")
     cr.add_argument("--xid", type=int, help="resolve every conflict of one origin transaction (resolve_conflicts_bulk)")
 
     rg = sub.add_parser("range", help="identity ranges").add_subparsers(dest="action", metavar="ACTION")
@@ -225,7 +226,7 @@ def main(argv=None):
     from .commands import CommandError
     cmd = args.command if args.command in ("status", "health") else "%s_%s" % (args.command, args.action)
     cargs = {}
-    for k in ("name", "host", "port", "priority", "pending", "limit", "id", "resolution", "xid", "node", "table", "size"):
+    for k in ("name", "host", "port", "priority", "pending", "limit", "id", "resolution", "merged", "xid", "node", "table", "size"):
         if hasattr(args, k):
             cargs[k] = getattr(args, k)
     try:

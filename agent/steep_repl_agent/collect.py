@@ -30,6 +30,10 @@ def has_function(conn, name):
                                (name,)))
 
 
+def has_relation(conn, name):
+    return db.fetch_value(conn, "SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (name,))
+
+
 def heartbeat(conn, node, status):
     """last_seen/status of the local node; registers the node row when it is missing."""
     with conn.cursor() as cur:
@@ -131,7 +135,7 @@ def expand_ranges(conn, threshold):
     """Pre-allocate the next range where the ranges module_utils provides it; None when it does not exist yet."""
     mod = optional_module("ranges")
     fn = getattr(mod, "expand_if_needed", None) if mod else None
-    if fn is None:
+    if fn is None or not has_relation(conn, "steep_repl.range_tables"):
         return None
     return fn(conn, threshold)
 

@@ -7,9 +7,6 @@ from ansible_collections.steep.repl.plugins.module_utils import db
 
 from . import collect
 
-RESOLUTIONS = ("APPLIED_REMOTE", "KEPT_LOCAL", "MERGED", "REVERTED", "apply_remote", "keep_local")
-
-
 class CommandError(Exception):
     pass
 
@@ -83,30 +80,60 @@ def conflicts_list(conn, args=None):
     return dict(conflicts=rows)
 
 
+SEED_LABELS = {"KEPT_LOCAL": "local", "APPLIED_REMOTE": "remote", "MERGED": "merge",
+               "keep_local": "local", "apply_remote": "remote"}
+
+
 def conflicts_resolve(conn, args):
+    """Through the conflicts module_utils when present (idempotent, validated), else the seed-named SQL functions."""
     _require_extension(conn)
     resolution = args.get("resolution")
     if not resolution:
-        raise CommandError("--resolution is required (e.g. APPLIED_REMOTE, KEPT_LOCAL)")
-    if args.get("xid") is not None:
-        _require_function(conn, "resolve_conflicts_bulk", "the conflicts feature, playbooks/steep_conflicts.yml")
-        n = db.fetch_value(conn, "SELECT steep_repl.resolve_conflicts_bulk(%s, %s::bigint)", (resolution, int(args["xid"])))
-        return dict(changed=bool(n), resolved=n)
-    if args.get("id") is None:
+        raise CommandError("--resolution is required: local, remote or merge (seed labels KEPT_LOCAL, APPLIED_REMOTE, "
+                           "MERGED are accepted)")
+    resolution = SEED_LABELS.get(resolution, resolution)
+    merged = args.get("merged")
+    if isinstance(merged, str):
+        try:
+            merged = json.loads(merged)
+        except ValueError:
+            raise CommandError("--merged must be a JSON object of columns, e.g. '{\"status\": \"shipped\"}'")
+    if args.get("id") is None and args.get("xid") is None:
         raise CommandError("give a conflict id (or --xid for every conflict of one origin transaction)")
-    _require_function(conn, "resolve_conflict", "the conflicts feature, playbooks/steep_conflicts.yml")
+    mod = collect.optional_module("conflicts")
     try:
-        result = db.fetch_value(conn, "SELECT steep_repl.resolve_conflict(%s::bigint, %s)::text",
-                                (int(args["id"]), resolution))
+        if mod is not None and hasattr(mod, "resolve"):
+            sql = db.SqlState(conn)
+            if args.get("xid") is not None:
+                res = mod.resolve_bulk(sql, conn, resolution, xid=int(args["xid"]))
+            else:
+                res = mod.resolve(sql, conn, int(args["id"]), resolution, merged)
+            res.pop("queries", None)
+            return res
+        if args.get("xid") is not None:
+            _require_function(conn, "resolve_conflicts_bulk", "the conflicts feature, playbooks/steep_conflicts.yml")
+            n = db.fetch_value(conn, "SELECT steep_repl.resolve_conflicts_bulk(%s, %s::bigint)", (resolution, int(args["xid"])))
+            return dict(changed=bool(n), resolved=n)
+        _require_function(conn, "resolve_conflict", "the conflicts feature, playbooks/steep_conflicts.yml")
+        result = db.fetch_value(conn, "SELECT steep_repl.resolve_conflict(%s::bigint, %s, %s::jsonb)::text",
+                                (int(args["id"]), resolution, json.dumps(merged) if merged is not None else None))
+        return dict(changed=True, id=int(args["id"]), result=result)
     except db.psycopg2.Error as exc:
-        raise CommandError("resolving conflict %s failed: %s" % (args["id"], str(exc).strip().splitlines()[0]))
-    return dict(changed=True, id=int(args["id"]), result=result)
+        raise CommandError("resolving conflict %s failed: %s" % (args.get("id") or "xid %s" % args.get("xid"),
+                                                                 str(exc).strip().splitlines()[0]))
 
 
 def range_status(conn, args=None):
     _require_extension(conn)
     node = (args or {}).get("node")
-    return dict(ranges=collect.range_utilization(collect.range_rows(conn, node)))
+    out = dict(ranges=collect.range_utilization(collect.range_rows(conn, node)))
+    mod = collect.optional_module("ranges")
+    if mod is not None and hasattr(mod, "utilization") and collect.has_relation(conn, "steep_repl.range_tables"):
+        try:
+            out["managed_tables"] = mod.utilization(conn, node)  # current/next range per table (ranges module_utils)
+        except db.SteepError as exc:
+            out["managed_tables_error"] = str(exc)
+    return out
 
 
 def range_allocate(conn, args):

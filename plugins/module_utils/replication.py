@@ -367,10 +367,15 @@ def candidate_catalog(conn, schemas):
             for r in rows}
 
 
-def observe(conn, publication=PUBLICATION):
+def observe(conn, publication=PUBLICATION, node_id=None):
     """Replication state of one node (only steep-named objects)."""
     state = {}
     state["extension"] = extension_version(conn)
+    state["init_state"] = None
+    if state["extension"] and node_id and fetch_value(
+            conn, "SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = 'steep_repl.nodes'::pg_catalog.regclass "
+                  "AND attname = 'init_state' AND NOT attisdropped"):
+        state["init_state"] = fetch_value(conn, "SELECT init_state FROM steep_repl.nodes WHERE node_id = %s", (node_id,))
     state["has_row_version"] = fetch_value(conn, "SELECT pg_catalog.to_regclass(%s) IS NOT NULL",
                                            (ROW_VERSION,))
     state["has_enable"] = bool(state["extension"]) and fetch_value(
@@ -424,6 +429,26 @@ def summary(state):
 
 
 # --------------------------------------------------------------------------- planning
+WIRED_STATES = ("CATCHING_UP", "SYNCHRONIZED")
+
+
+def uninitialised_newcomers(members, states):
+    """{node_id: init_state} of members that would join an already running mesh without
+    having been initialised (node-init.md): they are left alone.
+
+    The mesh runs when some member has a steep subscription from another member. A member
+    without any is a newcomer; it is wired in only when its own steep_repl.nodes row says
+    CATCHING_UP or SYNCHRONIZED (set by steep.repl.init). A fresh mesh wires everyone.
+    """
+    ids = set(m.node_id for m in members)
+    running = set(m.node_id for m in members
+                  if any(peer_of(n, SUB_PREFIX) in ids - {m.node_id} for n in states[m.node_id]["subscriptions"]))
+    if not running:
+        return {}
+    return dict((m.node_id, states[m.node_id].get("init_state")) for m in members
+                if m.node_id not in running and states[m.node_id].get("init_state") not in WIRED_STATES)
+
+
 class Action:
     """One SQL step on one node. ``display`` is the password-free text shown to users."""
 
@@ -447,16 +472,25 @@ def plan(members, states, desired, publication=PUBLICATION):
     """
     ids = [m.node_id for m in members]
     actions, warnings = [], []
+    newcomers = uninitialised_newcomers(members, states)
+    for node_id, init_state in sorted(newcomers.items()):
+        source = [m.node_id for m in members if m.node_id not in newcomers][0]
+        warnings.append("node %s joins a running mesh but is not initialised (init_state %s): it was left alone "
+                        "(no publication, slot or subscription for it). Fix: ansible-playbook -i <inventory> "
+                        "playbooks/init_node.yml -e steep_init_target=%s -e steep_init_source=%s"
+                        % (node_id, init_state or "unknown", node_id, source))
+    members = [m for m in members if m.node_id not in newcomers]
     removed = set()
     leaving = set()
-    row_version = [ROW_VERSION] if all(states[i]["has_row_version"] for i in ids) else []
+    active = [m.node_id for m in members]
+    row_version = [ROW_VERSION] if all(states[i]["has_row_version"] for i in active) else []
     if not row_version:
-        if any(states[i]["has_row_version"] for i in ids):
+        if any(states[i]["has_row_version"] for i in active):
             raise SteepError("%s exists on %s but not on %s: the nodes run different steep_repl "
                              "versions. Fix: run the foundation play (ALTER EXTENSION steep_repl "
                              "UPDATE) on every node first." % (
-                                 ROW_VERSION, ", ".join(i for i in ids if states[i]["has_row_version"]),
-                                 ", ".join(i for i in ids if not states[i]["has_row_version"])))
+                                 ROW_VERSION, ", ".join(i for i in active if states[i]["has_row_version"]),
+                                 ", ".join(i for i in active if not states[i]["has_row_version"])))
         warnings.append("%s does not exist yet (conflict engine not installed): the publication "
                         "carries the user tables only." % ROW_VERSION)
     pub_wanted = sorted(set(desired) | set(row_version))
@@ -537,7 +571,7 @@ def plan(members, states, desired, publication=PUBLICATION):
                                          st["database"], name))
                 continue
             actions.append(Action(pub.node_id, 5, "SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')",
-                                  (name,)))
+                                  (name,), kind="create_slot", note=name))
     # 6. subscriptions, then 7. refresh
     for sub in members:
         st = states[sub.node_id]
@@ -553,7 +587,7 @@ def plan(members, states, desired, publication=PUBLICATION):
                      "slot_name = %s, copy_data = false, origin = none, enabled = true)"
                      % (qn, quote_ident(publication), quote_ident(slot_name(sub.node_id))))
                 actions.append(Action(sub.node_id, 6, q, (render_conninfo(params),),
-                                      (render_conninfo(params, hide_password=True),)))
+                                      (render_conninfo(params, hide_password=True),), kind="create_sub", note=name))
                 continue
             if not conninfo_matches(have["conninfo"], params):
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s CONNECTION %%s" % qn,
@@ -586,7 +620,7 @@ def plan(members, states, desired, publication=PUBLICATION):
     actions.sort(key=lambda a: a.phase)  # stable: keeps node order inside a phase
     removed.discard(None)
     return actions, warnings, {"removed_nodes": sorted(removed), "leaving_tables": sorted(leaving),
-                               "publication_tables": pub_wanted}
+                               "publication_tables": pub_wanted, "skipped_nodes": sorted(newcomers)}
 
 
 def predicted_summary(members, states, desired, info):
@@ -594,13 +628,18 @@ def predicted_summary(members, states, desired, info):
     out = {}
     for m in members:
         st = states[m.node_id]
+        if m.node_id in info["skipped_nodes"]:
+            out[m.node_id] = summary(st)
+            continue
+        members_in = [p for p in members if p.node_id not in info["skipped_nodes"]]
         enabled = set(st["enabled_tables"]) - (set(info["leaving_tables"]) if st["has_disable"] else set())
         if st["has_enable"]:
             enabled |= set(desired)
         out[m.node_id] = {
             "publication": list(info["publication_tables"]),
-            "subscriptions": sorted(subscription_name(p.node_id) for p in members if p is not m),
-            "slots": sorted(slot_name(p.node_id) for p in members if p is not m),
+            "subscriptions": sorted(subscription_name(p.node_id) for p in members_in if p is not m),
+            "slots": sorted(set(slot_name(p.node_id) for p in members_in if p is not m)
+                            | set(n for n in st["slots"] if peer_of(n, SLOT_PREFIX) in info["skipped_nodes"])),
             "enabled_tables": sorted(enabled)}
     return out
 
@@ -656,7 +695,7 @@ class Mesh:
     def observe(self, publication=PUBLICATION):
         states = {}
         for m in self.members:
-            st = observe(m.conn, publication)
+            st = observe(m.conn, publication, m.node_id)
             if not st["extension"]:
                 raise SteepError("the steep_repl extension is not installed on %s. Fix: run the "
                                  "foundation play (playbooks/steep_foundation.yml or site.yml) first."
@@ -682,6 +721,9 @@ class Mesh:
         return "/* %s */ %s" % (action.node, redact(text, self.secrets))
 
     def run(self, actions):
+        """Execute in order. A failure while wiring (slots, new subscriptions) undoes the slots and
+        subscriptions this run created, so no half-wired mesh and no orphan slot retaining WAL stays."""
+        created = []
         for action in actions:
             self.queries.append(self.display(action))
             if self.check_mode:
@@ -693,13 +735,42 @@ class Mesh:
                 else:
                     with conn.cursor() as cur:
                         cur.execute(action.query, action.args)
-            except SteepError:
-                raise
+                if action.kind in ("create_slot", "create_sub"):
+                    created.append(action)
             except Exception as exc:
-                raise SteepError("%s failed on %s: %s. Steps already done are listed in 'queries'; "
-                                 "fix the cause and re-run (every step is idempotent)." % (
-                                     redact(self.display(action), self.secrets), action.node,
-                                     redact(str(exc).strip(), self.secrets)))
+                msg = redact(str(exc).strip(), self.secrets)
+                hint = "fix the cause and re-run (every step is idempotent)"
+                if "could not connect to the publisher" in msg:
+                    peer = self.by_id.get(peer_of(action.note or "", SUB_PREFIX))
+                    if peer is not None:
+                        hint = ("make %s reachable FROM %s at %s:%s (steep_pg_replication_host / "
+                                "steep_pg_replication_port of %s, its listen_addresses and pg_hba.conf), then re-run"
+                                % (peer.node_id, action.node, peer.replication_host, peer.replication_port, peer.node_id))
+                undone = self._undo(created) if action.phase in (5, 6) else ""
+                raise SteepError("%s failed on %s: %s. %sFix: %s." % (
+                    redact(self.display(action), self.secrets), action.node, msg, undone, hint))
+
+    def _undo(self, created):
+        """Drop what this run created while wiring; returns a sentence for the error message."""
+        done, failed = [], []
+        for action in reversed(created):
+            conn = self.by_id[action.node].conn
+            try:
+                if action.kind == "create_sub":
+                    with conn.cursor() as cur:  # also drops its slot on the publisher
+                        cur.execute("DROP SUBSCRIPTION IF EXISTS %s" % quote_ident(action.note))
+                else:
+                    self._drop_slot(conn, action.note, timeout=10)
+                done.append("%s on %s" % (action.note, action.node))
+            except Exception as exc:
+                failed.append("%s on %s (%s)" % (action.note, action.node, redact(str(exc).strip(), self.secrets)))
+            self.queries.append("/* %s */ -- undone: %s" % (action.node, action.note))
+        out = ""
+        if done:
+            out += "Undone (created by this run): %s. " % ", ".join(done)
+        if failed:
+            out += "Could NOT undo: %s; drop them by hand. " % ", ".join(failed)
+        return out
 
     @staticmethod
     def _drop_slot(conn, name, timeout=30):
@@ -747,7 +818,11 @@ def ensure_mesh(specs, tables=None, schemas=None, excluded=None, publication=PUB
         desired = resolve_tables(catalogs, tables, schemas, excluded, mesh.schemas_present(wanted_schemas))
         actions, warnings, info = plan(members, states, desired, publication)
         before = {i: summary(s) for i, s in states.items()}
-        mesh.run(actions)
+        try:
+            mesh.run(actions)
+        except SteepError as exc:
+            exc.queries = list(mesh.queries)  # what was already done (passwords masked)
+            raise
         if check_mode:
             after = predicted_summary(members, states, desired, info)
             changed = bool(actions)
@@ -758,4 +833,4 @@ def ensure_mesh(specs, tables=None, schemas=None, excluded=None, publication=PUB
                 after_states[i]["subscriptions"] != states[i]["subscriptions"] for i in after_states)
         return {"changed": changed, "queries": mesh.queries, "warnings": warnings,
                 "tables": desired, "nodes": [m.node_id for m in members],
-                "removed_nodes": info["removed_nodes"], "diff": {"before": before, "after": after}}
+                "removed_nodes": info["removed_nodes"], "skipped_nodes": info["skipped_nodes"], "diff": {"before": before, "after": after}}

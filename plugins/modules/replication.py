@@ -24,6 +24,8 @@ description:
     is dropped. The removed node itself is not contacted.
   - Adding a table and re-running adds it to every publication and refreshes every subscription with
     C(copy_data = false).
+  - A node that joins an already running mesh without having been initialised (see C(playbooks/init_node.yml)) is left
+    alone with a warning; a fresh mesh (no subscriptions yet) wires every node.
   - Validates everything (tables exist on every node, are ordinary tables, have a primary key) before changing anything.
   - Takes a session advisory lock on every node (in node id order) so two runs never interleave.
 version_added: "1.1.0"
@@ -110,6 +112,13 @@ removed_nodes:
   returned: success
   type: list
   elements: str
+skipped_nodes:
+  description:
+    - Nodes that join an already running mesh without having been initialised (their C(steep_repl.nodes.init_state) is
+      neither C(CATCHING_UP) nor C(SYNCHRONIZED)); they are left alone, with a warning naming C(playbooks/init_node.yml).
+  returned: success
+  type: list
+  elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -142,7 +151,7 @@ def main():
                              publication=p["publication"], check_mode=module.check_mode,
                              lock_timeout=p["lock_timeout"])
     except SteepError as exc:
-        module.fail_json(msg=redact(str(exc), secrets), queries=[])
+        module.fail_json(msg=redact(str(exc), secrets), queries=getattr(exc, "queries", []))
     for w in result.pop("warnings"):
         module.warn(w)
     diff = result.pop("diff")

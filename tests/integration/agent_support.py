@@ -39,9 +39,11 @@ def setup_extension(lab):
                   (m.name, m.name, m.host, m.port, m.priority, m.name == n.name))
 
 
-def make_configs(tmp, lab, interval="0.5s", timeout="2s", threshold=2, mode="mesh", extra=None, ports=None, names=None):
+def make_configs(tmp, lab, interval="0.5s", timeout="2s", threshold=2, mode="mesh", extra=None, ports=None, names=None,
+                 hub=None):
     """One config per node (every node lists every other with its agent port). Returns {name: (path, http_port)}."""
     tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
     names = names or [n.name for n in lab.nodes]
     ports = ports or {n: free_port() for n in names}
     out = {}
@@ -60,6 +62,8 @@ def make_configs(tmp, lab, interval="0.5s", timeout="2s", threshold=2, mode="mes
             "agent": dict(http_host="127.0.0.1", http_port=ports[n.name], ipc_path=str(tmp / ("%s.sock" % n.name)),
                           log_level="info"),
         }}
+        if hub:
+            cfg["replication"]["topology"]["hub"] = hub
         for k, v in (extra or {}).items():
             cfg["replication"][k] = v
         path = tmp / ("%s.yml" % n.name)
@@ -102,7 +106,13 @@ class AgentProc:
         return code, (raw if path == "/metrics" else json.loads(raw))
 
     def wait_status(self, pred, timeout=30):
-        return wait_for(lambda: (lambda c, b: b if b and pred(b) else None)(*self.get("/status")), timeout)
+        def probe():
+            code, body = self.get("/status")
+            try:
+                return body if body and pred(body) else None
+            except (KeyError, TypeError, IndexError):  # the first snapshot (before cycle 1) is sparse
+                return None
+        return wait_for(probe, timeout)
 
     def lines(self):
         out = []

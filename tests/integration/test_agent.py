@@ -108,17 +108,21 @@ def test_health_ipc_metrics_and_alerts(two):
     r = cli(cfgs["node2"][0], "conflicts", "list", "--pending")
     assert len(json.loads(r.stdout)["conflicts"]) == 3
 
-    # another owner's SQL API: clear error when missing, nothing changed
-    has_resolve = n2.sql("SELECT count(*) FROM pg_proc WHERE proname = 'resolve_conflict'")[0][0]
-    if not has_resolve:
-        r = cli(cfgs["node2"][0], "conflicts", "resolve", "1", "--resolution", "KEPT_LOCAL")
-        assert r.returncode == 3 and "steep_repl.resolve_conflict() does not exist" in r.stderr
+    # another owner's API (conflicts/ranges module_utils or the seed-named SQL): a clear error when it is missing,
+    # and nothing changed
+    r = cli(cfgs["node2"][0], "conflicts", "resolve", "1", "--resolution", "local")
+    if r.returncode != 0:
+        assert r.returncode == 3 and r.stderr.startswith("steep-repl: ") and "Traceback" not in r.stderr, r.stderr
         assert n2.sql("SELECT count(*) FROM steep_repl.conflict_log WHERE resolution = 'PENDING'") == [(3,)]
+    r = cli(cfgs["node2"][0], "conflicts", "resolve", "1")
+    assert r.returncode == 2 and "--resolution" in r.stderr
     has_alloc = n2.sql("SELECT count(*) FROM pg_proc WHERE proname = 'allocate_range'")[0][0]
     if not has_alloc:
         r = cli(cfgs["node2"][0], "range", "allocate", "public.orders")
         assert r.returncode == 3 and "steep_repl.allocate_range() does not exist" in r.stderr
         assert n2.sql("SELECT count(*) FROM steep_repl.identity_ranges") == [(1,)]
+    r = cli(cfgs["node2"][0], "range", "status")
+    assert r.returncode == 0 and json.loads(r.stdout)["ranges"][0]["utilization_pct"] == 90.0
 
     # node add / remove through the agent, audited
     r = cli(cfgs["node1"][0], "node", "add", "node9", "--host", "127.0.0.1", "--port", "5999", "--priority", "5")

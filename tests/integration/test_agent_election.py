@@ -44,42 +44,46 @@ def roles(agents):
     return {n: (a.get("/status")[1] or {}).get("role") for n, a in agents.items()}
 
 
-@pytest.mark.parametrize("mode", ["mesh", "star"])
-def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode):
+@pytest.mark.parametrize("mode,hub,first,second,third", [
+    ("mesh", None, "node1", "node2", "node3"),
+    ("star", "node3", "node3", "node1", "node2"),  # the hub coordinates whatever its priority
+])
+def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode, hub, first, second, third):
     lab = lab_factory(count=3, majors=(17, 18))
     setup_extension(lab)
-    cfgs = make_configs(tmp_path, lab, interval="%ss" % INTERVAL, timeout="%ss" % TIMEOUT, threshold=THRESHOLD, mode=mode)
+    cfgs = make_configs(tmp_path, lab, interval="%ss" % INTERVAL, timeout="%ss" % TIMEOUT, threshold=THRESHOLD, mode=mode,
+                        hub=hub)
     agents = {n: AgentProc(p, port, tmp_path / ("%s.log" % n)).start() for n, (p, port) in cfgs.items()}
     try:
-        assert wait_for(lambda: roles(agents) == {"node1": "coordinator", "node2": "follower", "node3": "follower"}, 30), \
+        assert wait_for(lambda: roles(agents) == {first: "coordinator", second: "follower", third: "follower"}, 30), \
             roles(agents)
-        assert all(a.get("/status")[1]["coordinator"] == "node1" for a in agents.values())
+        assert all(a.get("/status")[1]["coordinator"] == first for a in agents.values())
         with Watcher(agents) as w:
             # kill the coordinator's node (its PostgreSQL): a new coordinator within the election timeout
             t0 = time.time()
-            lab.node("node1").kill()
-            took = wait_for(lambda: roles(agents).get("node2") == "coordinator" and time.time() - t0, 30, step=0.1)
+            lab.node(first).kill()
+            took = wait_for(lambda: roles(agents).get(second) == "coordinator" and time.time() - t0, 30, step=0.1)
             assert took, roles(agents)
             assert took <= ELECTION_TIMEOUT + 2 * INTERVAL + 1.0, took
-            assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == "node2" for a in agents.values()), 10)
-            # the dead node's agent keeps running and votes for node2
-            assert agents["node1"].get("/status")[1]["vote"] == "node2"
-            assert lab.node("node2").sql("SELECT value->>'node', (value->>'quorum')::int FROM steep_repl.coordinator_state") \
-                == [("node2", 2)]
-            assert lab.node("node3").sql("SELECT node_id FROM steep_repl.nodes WHERE is_coordinator") == [("node2",)]
+            assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == second for a in agents.values()), 10)
+            # the dead node's agent keeps running and votes for the new coordinator
+            assert agents[first].get("/status")[1]["vote"] == second
+            assert lab.node(second).sql("SELECT value->>'node', (value->>'quorum')::int FROM steep_repl.coordinator_state") \
+                == [(second, 2)]
+            assert lab.node(third).sql("SELECT node_id FROM steep_repl.nodes WHERE is_coordinator") == [(second,)]
 
             # lose the majority: only node2's own vote is left -> it must step down
-            for n in ("node3", "node1"):
+            for n in (third, first):
                 agents[n].proc.send_signal(signal.SIGKILL)
                 agents[n].proc.wait()
-            assert wait_for(lambda: roles({"node2": agents["node2"]})["node2"] == "follower", 15)
+            assert wait_for(lambda: roles({second: agents[second]})[second] == "follower", 15)
             h = wait_for(lambda: (lambda b: b if b["checks"]["peer_connectivity"] == "critical" else None)(
-                agents["node2"].get("/health")[1]), 10)
+                agents[second].get("/health")[1]), 10)
             assert h and h["checks"]["coordinator"]["status"] == "warning" and h["status"] == "unhealthy"
-            assert agents["node2"].get("/coordinator")[0] == 503
+            assert agents[second].get("/coordinator")[0] == 503
         # never more than one coordinator at any sample
         assert w.samples and max(len(c) for _, c in w.samples) <= 1, [c for _, c in w.samples if len(c) > 1][:3]
-        assert agents["node2"].proc.poll() is None
+        assert agents[second].proc.poll() is None
     finally:
         for a in agents.values():
             a.stop()

@@ -88,6 +88,7 @@ def test_first_run_reports_queries_without_the_password(lab_factory):
 def test_check_mode_and_diff_change_nothing(lab_factory):
     lab = lab_factory(count=2, majors=(17, 18))
     inv = mesh.build_mesh(lab, T, GV, run=False)
+    foundation(inv)  # the extension must exist for the later plays to plan anything
     before, trig_before = states(lab), triggers(lab)
     res = run_playbook("site.yml", inv, check=True, diff=True)
     assert res.rc == 0, res.failure_messages()
@@ -174,41 +175,54 @@ def test_removing_a_node_drops_its_subscriptions_and_slots_everywhere(lab_factor
     assert inv.exists()
 
 
+def refused(lab, inv, expected):
+    """The replication play refuses with ``expected`` in its message, site.yml refuses too
+    (whichever play notices first), and neither changes anything (second query)."""
+    before, trig_before = states(lab), triggers(lab)
+    res = run_playbook("steep_replication.yml", inv)
+    msg = " ".join(res.failure_messages())
+    assert res.rc != 0 and expected in msg, msg
+    assert LAB_PASSWORD not in res.stdout + res.stderr
+    assert states(lab) == before and triggers(lab) == trig_before
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0
+    assert states(lab) == before and triggers(lab) == trig_before
+    return msg
+
+
+def foundation(inv):
+    res = run_playbook("steep_foundation.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+
+
 def test_table_without_primary_key_is_refused_and_nothing_changes(lab_factory):
     lab = lab_factory(count=2, majors=(18,))
     gv = {"steep_replicated_tables": ["public.t", "public.nopk"]}
     inv = mesh.build_mesh(lab, [T, "CREATE TABLE public.nopk (v text)"], gv, run=False)
-    before, trig_before = states(lab), triggers(lab)
-    res = run_playbook("site.yml", inv)
-    assert res.rc != 0
-    msg = " ".join(res.failure_messages())
-    assert "public.nopk has no primary key" in msg and "ADD PRIMARY KEY" in msg
+    foundation(inv)
+    msg = refused(lab, inv, "public.nopk has no primary key (on node1, node2)")
+    assert "ALTER TABLE public.nopk ADD PRIMARY KEY" in msg
     assert "steep_excluded_tables" in msg and "nothing was changed" in msg
-    assert states(lab) == before and triggers(lab) == trig_before  # second query: nothing changed
     # on an existing mesh the refusal changes nothing either
     inv = lab.write_inventory(inv, group_vars=GV)
     assert run_playbook("site.yml", inv).rc == 0
-    before, trig_before = states(lab), triggers(lab)
     inv = lab.write_inventory(inv, group_vars=gv)
-    res = run_playbook("site.yml", inv)
-    assert res.rc != 0 and "public.nopk has no primary key" in " ".join(res.failure_messages())
-    assert states(lab) == before and triggers(lab) == trig_before
+    refused(lab, inv, "public.nopk has no primary key")
 
 
 def test_unknown_or_partly_missing_table_is_refused_and_nothing_changes(lab_factory):
     lab = lab_factory(count=2, majors=(18,))
     inv = mesh.build_mesh(lab, T, {"steep_replicated_tables": ["public.t", "public.nope"]}, run=False)
-    before = states(lab)
-    res = run_playbook("site.yml", inv)
-    assert res.rc != 0
-    assert "public.nope does not exist on any node" in " ".join(res.failure_messages())
-    assert states(lab) == before
+    foundation(inv)
+    refused(lab, inv, "table public.nope does not exist on any node")
     lab.node("node1").sql("CREATE TABLE public.only1 (id int PRIMARY KEY)")
     inv = lab.write_inventory(inv, group_vars={"steep_replicated_tables": ["public.t", "public.only1"]})
-    res = run_playbook("site.yml", inv)
-    assert res.rc != 0
-    assert "public.only1 is missing on node(s) node2 (present on node1)" in " ".join(res.failure_messages())
-    assert states(lab) == before
+    refused(lab, inv, "public.only1 is missing on node(s) node2 (present on node1)")
+    inv = lab.write_inventory(inv, group_vars={"steep_replicated_schemas": ["nosuch"]})
+    refused(lab, inv, "schema nosuch (steep_replicated_schemas) does not exist on any node")
+    # inconsistent clock thresholds: the clock check refuses before anything is touched
+    inv = lab.write_inventory(inv, group_vars=dict(GV, steep_max_drift_ms=10, steep_warn_drift_ms=50))
+    refused(lab, inv, "steep_warn_drift_ms (50) is above steep_max_drift_ms (10)")
 
 
 def _teardown_mesh(lab):
@@ -232,4 +246,67 @@ def test_three_node_setup_with_forks_and_concurrent_runs_never_deadlocks(lab_fac
             results = [f.result() for f in runs]
         assert all(r.rc == 0 for r in results), [r.failure_messages() for r in results]
         mesh.assert_healthy(lab)
+    write_everywhere_and_converge(lab)
+
+
+def test_replication_host_override_and_connection_change(lab_factory):
+    lab = lab_factory(count=2, majors=(17,))
+    hv = {"node2": {"steep_pg_replication_host": "localhost"}}
+    inv = mesh.build_mesh(lab, T, GV, host_vars=hv)
+    conninfo = lab.node("node1").sql("SELECT subconninfo FROM pg_subscription WHERE subname = 'steep_from_node2'")[0][0]
+    assert "host=localhost" in conninfo
+    write_everywhere_and_converge(lab)
+    # the peers' address changes: the subscription follows, nothing else moves
+    inv = lab.write_inventory(inv, group_vars=GV)
+    res = run_playbook("site.yml", inv, diff=True)
+    assert res.rc == 0, res.failure_messages()
+    queries = task(res, MESH_TASK)["queries"]
+    assert queries == ["/* node1 */ ALTER SUBSCRIPTION \"steep_from_node2\" CONNECTION "
+                       "'host=127.0.0.1 port=%d user=postgres password=******** dbname=steep'" % lab.node("node2").port]
+    assert LAB_PASSWORD not in res.stdout
+    write_everywhere_and_converge(lab, start=10)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0 and res.changed() == 0
+
+
+def test_uninitialised_node_joining_a_running_mesh_is_left_alone(lab_factory):
+    lab = lab_factory(count=3, majors=(18,))
+    mesh.build_mesh(lab, T, GV, nodes=["node1", "node2"])
+    node3 = lab.node("node3")
+    node3.sql(T)
+    inv = mesh.build_mesh(lab, [], GV, run=False)  # all three; extension via foundation (or fallback)
+    before = states(lab)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    r = task(res, MESH_TASK)
+    assert r["skipped_nodes"] == ["node3"] and r["queries"] == []
+    assert any("init_node.yml" in w and "steep_init_target=node3" in w for w in r.get("warnings", []))
+    assert states(lab) == before
+    # once steep.repl.init says the node is catching up, site.yml wires it in
+    node3.sql("UPDATE steep_repl.nodes SET init_state = 'CATCHING_UP' WHERE node_id = 'node3'")
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    mesh.assert_healthy(lab)
+    write_everywhere_and_converge(lab)
+
+
+def test_unreachable_peer_undoes_the_wiring_of_the_run(lab_factory):
+    from steeplab import free_port
+    lab = lab_factory(count=2, majors=(18,))
+    bad = {"node1": {"steep_pg_replication_port": free_port()}}
+    inv = mesh.build_mesh(lab, T, GV, host_vars=bad, run=False)
+    res = run_playbook("site.yml", inv)
+    assert res.rc != 0
+    msg = " ".join(res.failure_messages())
+    assert "could not connect to the publisher" in msg
+    assert "make node1 reachable FROM node2" in msg and "steep_pg_replication_host" in msg
+    assert "Undone (created by this run)" in msg and "steep_from_node2 on node1" in msg
+    assert LAB_PASSWORD not in res.stdout + res.stderr
+    for n in lab.nodes:  # no half-wired mesh, no orphan slot retaining WAL
+        st = mesh.mesh_state(n)
+        assert st["subscriptions"] == {} and st["slots"] == [], st
+    inv = lab.write_inventory(inv, group_vars=GV)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    mesh.assert_healthy(lab)
     write_everywhere_and_converge(lab)

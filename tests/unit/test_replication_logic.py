@@ -319,3 +319,37 @@ def test_members_validation():
     assert [x.node_id for x in got] == ["a", "b"]
     assert got[1].peer_conninfo()["host"] == "10.1.1.2"
     assert got[1].conn_kw()["host"] == "127.0.0.1"
+
+
+def _running_pair_states(init_c):
+    slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
+    tables = ["steep_repl.row_version"]
+
+    def sub(peer, me):
+        return {"enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
+                "slot": "steep_to_" + me, "origin": "none", "publications": ["steep_pub"], "tables": tables}
+    return {
+        "a": empty_state(publication=True, pub_tables=tables, slots={"steep_to_b": slot, "steep_to_c": slot},
+                         subscriptions={"steep_from_b": sub("b", "a")}, init_state="SYNCHRONIZED"),
+        "b": empty_state(publication=True, pub_tables=tables, slots={"steep_to_a": slot},
+                         subscriptions={"steep_from_a": sub("a", "b")}),
+        "c": empty_state(init_state=init_c),
+    }
+
+
+def test_uninitialised_newcomer_to_a_running_mesh_is_left_alone():
+    ms = [member("a"), member("b"), member("c")]
+    actions, warnings, info = r.plan(ms, _running_pair_states("UNINITIALIZED"), [])
+    assert actions == []                 # not wired, and its prepared slot on a is not stale
+    assert info["skipped_nodes"] == ["c"] and info["removed_nodes"] == []
+    assert any("init_node.yml" in w and "steep_init_target=c" in w for w in warnings)
+
+
+def test_newcomer_being_initialised_is_wired_and_fresh_mesh_wires_everyone():
+    ms = [member("a"), member("b"), member("c")]
+    actions, _w, info = r.plan(ms, _running_pair_states("CATCHING_UP"), [])
+    assert info["skipped_nodes"] == []
+    created = sorted((a.node, a.args[0]) for a in actions if a.phase == 5)
+    assert created == [("b", "steep_to_c"), ("c", "steep_to_a"), ("c", "steep_to_b")]  # a's slot for c is reused
+    fresh = {i: empty_state(init_state="UNINITIALIZED") for i in "abc"}
+    assert r.uninitialised_newcomers(ms, fresh) == {}

@@ -1,0 +1,861 @@
+-- Conflict engine (1.1): versions that travel with the data, decisions inside PostgreSQL.
+-- docs/conflicts.md explains the design and why every node ends on the same row.
+-- Everything that can fire in the logical-replication apply worker runs with search_path = ''
+-- and schema-qualifies every object.
+
+-- ---------------------------------------------------------------------------------------------
+-- Tables
+-- ---------------------------------------------------------------------------------------------
+
+-- One row per replicated key: the version the local row currently holds (or a tombstone).
+-- Published together with the user tables; origins write it with DELETE + INSERT so that a
+-- receiver never sees an UPDATE for a version row it does not have.
+CREATE TABLE IF NOT EXISTS steep_repl.row_version (
+    tbl        TEXT NOT NULL,            -- 'schema.table'
+    pk         TEXT NOT NULL,            -- pg_catalog.jsonb_build_array(pk1, pk2, ...)::text
+    ver_ts     TIMESTAMPTZ NOT NULL,     -- hybrid logical clock at the origin
+    ver_node   TEXT NOT NULL,            -- origin node of this version
+    depth      BIGINT NOT NULL,          -- base.depth + 1 (0 for a first version)
+    epoch      BIGINT NOT NULL,          -- incarnation: +1 when a key is re-inserted over a tombstone
+    deleted    BOOLEAN NOT NULL,         -- tombstone
+    base_ts    TIMESTAMPTZ,              -- the version this write replaced, as seen at the origin
+    base_node  TEXT,
+    origin_xid BIGINT,                   -- origin transaction id (bulk resolution by xid)
+    forced     BOOLEAN NOT NULL DEFAULT false,  -- written by a manual resolution / revert
+    PRIMARY KEY (tbl, pk)
+);
+ALTER TABLE steep_repl.row_version ADD COLUMN IF NOT EXISTS gen BIGINT NOT NULL DEFAULT 0;  -- resolution generation
+ALTER TABLE steep_repl.row_version ADD COLUMN IF NOT EXISTS op TEXT NOT NULL DEFAULT 'U';  -- I, U or D at the origin
+ALTER TABLE steep_repl.row_version ADD COLUMN IF NOT EXISTS img JSONB;                     -- the full row (NULL: tombstone)
+
+-- Tables with conflict triggers (filled by enable_table).
+CREATE TABLE IF NOT EXISTS steep_repl.conflict_tables (
+    tbl          TEXT PRIMARY KEY,       -- 'schema.table'
+    table_schema TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    pk_columns   TEXT[] NOT NULL,
+    rowop        TEXT NOT NULL,          -- generated function steep_repl."rowop_<h>"(text, text, jsonb)
+    enabled_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Per-table strategies; the default lives in conflict_settings('default_strategy').
+CREATE TABLE IF NOT EXISTS steep_repl.conflict_strategies (
+    table_schema TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    strategy     TEXT NOT NULL,
+    priority     TEXT[],                 -- node_priority: node ids, first = strongest
+    updated_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_schema, table_name),
+    CONSTRAINT conflict_strategies_strategy_valid CHECK (strategy IN (
+        'last_write_wins', 'first_write_wins', 'node_priority', 'keep_local', 'apply_remote', 'manual'))
+);
+
+CREATE TABLE IF NOT EXISTS steep_repl.conflict_settings (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO steep_repl.conflict_settings (name, value) VALUES ('default_strategy', 'last_write_wins')
+ON CONFLICT (name) DO NOTHING;
+
+-- conflict_log (seed 10.2) + what the engine needs to resolve and revert.
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS pk TEXT;               -- canonical key
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS strategy TEXT;
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS winner TEXT;           -- local | remote
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS local_version JSONB;
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS remote_version JSONB;
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS resolved_tuple JSONB;  -- the row the resolution left
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS reverts BIGINT;        -- this row reverts that id
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS reverted_by BIGINT;
+ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS note TEXT;
+CREATE INDEX IF NOT EXISTS conflict_log_key_idx ON steep_repl.conflict_log (table_schema, table_name, pk);
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                   WHERE conname = 'conflict_log_resolution_valid'
+                     AND conrelid = 'steep_repl.conflict_log'::pg_catalog.regclass) THEN
+        ALTER TABLE steep_repl.conflict_log ADD CONSTRAINT conflict_log_resolution_valid
+            CHECK (resolution IN ('PENDING', 'APPLIED_REMOTE', 'KEPT_LOCAL', 'MERGED', 'REVERTED', 'BENIGN'));
+    END IF;
+END $$;
+
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.row_version', '');
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_tables', '');
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_strategies', '');
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_settings', '');
+
+-- ---------------------------------------------------------------------------------------------
+-- Strategy configuration
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION steep_repl.conflict_strategy_names() RETURNS TEXT[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['last_write_wins', 'first_write_wins', 'node_priority', 'keep_local', 'apply_remote', 'manual']
+$$;
+
+-- The strategy of a table: {strategy, priority} (per-table row, else the default).
+CREATE OR REPLACE FUNCTION steep_repl.table_strategy(p_schema TEXT, p_table TEXT)
+RETURNS TABLE (strategy TEXT, priority TEXT[])
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT x.strategy, x.priority FROM (
+        SELECT 1 AS o, s.strategy, s.priority FROM steep_repl.conflict_strategies s
+        WHERE s.table_schema = p_schema AND s.table_name = p_table
+        UNION ALL
+        SELECT 2, coalesce((SELECT c.value FROM steep_repl.conflict_settings c WHERE c.name = 'default_strategy'),
+                           'last_write_wins'), NULL::TEXT[]) x
+    ORDER BY x.o LIMIT 1
+$$;
+
+-- Set the default strategy (p_table NULL or '*') or one table's strategy. Returns true when
+-- something changed. Validates everything before writing; every change is audited.
+CREATE OR REPLACE FUNCTION steep_repl.set_conflict_strategy(
+    p_table TEXT, p_strategy TEXT, p_priority TEXT[] DEFAULT NULL)
+RETURNS BOOLEAN LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_schema TEXT; v_name TEXT; v_old RECORD; v_unknown TEXT[]; v_rel pg_catalog.regclass;
+BEGIN
+    IF p_strategy IS NULL OR NOT (p_strategy = ANY (steep_repl.conflict_strategy_names())) THEN
+        RAISE EXCEPTION 'unknown conflict strategy %', coalesce(pg_catalog.quote_literal(p_strategy), 'NULL')
+            USING HINT = 'Fix: use one of ' || pg_catalog.array_to_string(steep_repl.conflict_strategy_names(), ', ') || '.',
+                  ERRCODE = '22023';
+    END IF;
+    IF p_priority IS NOT NULL AND p_strategy <> 'node_priority' THEN
+        RAISE EXCEPTION 'a priority list is only valid with the node_priority strategy (got %)', p_strategy
+            USING HINT = 'Fix: drop the priority list or use strategy node_priority.', ERRCODE = '22023';
+    END IF;
+    IF p_priority IS NOT NULL THEN
+        IF pg_catalog.cardinality(p_priority) = 0 THEN
+            RAISE EXCEPTION 'the node_priority list is empty'
+                USING HINT = 'Fix: list node ids, strongest first (or omit the list to use steep_repl.nodes.priority).',
+                      ERRCODE = '22023';
+        END IF;
+        SELECT pg_catalog.array_agg(x ORDER BY o) INTO v_unknown
+        FROM pg_catalog.unnest(p_priority) WITH ORDINALITY AS u(x, o)
+        WHERE x IS NULL OR NOT EXISTS (SELECT 1 FROM steep_repl.nodes n WHERE n.node_id = x);
+        IF v_unknown IS NOT NULL THEN
+            RAISE EXCEPTION 'node_priority list names unknown node(s): %', pg_catalog.array_to_string(v_unknown, ', ', 'NULL')
+                USING HINT = 'Fix: use node ids registered in steep_repl.nodes ('
+                    || coalesce((SELECT pg_catalog.string_agg(node_id, ', ' ORDER BY node_id) FROM steep_repl.nodes), 'none')
+                    || ').', ERRCODE = '22023';
+        END IF;
+        IF (SELECT pg_catalog.count(DISTINCT x) FROM pg_catalog.unnest(p_priority) x) <> pg_catalog.cardinality(p_priority) THEN
+            RAISE EXCEPTION 'node_priority list % names a node twice', p_priority
+                USING HINT = 'Fix: list every node once.', ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF p_table IS NULL OR p_table = '*' THEN
+        IF p_strategy = 'node_priority' AND p_priority IS NOT NULL THEN
+            RAISE EXCEPTION 'the default strategy cannot carry a priority list'
+                USING HINT = 'Fix: set node_priority without a list (steep_repl.nodes.priority decides) or per table.',
+                      ERRCODE = '22023';
+        END IF;
+        IF (SELECT value FROM steep_repl.conflict_settings WHERE name = 'default_strategy') IS NOT DISTINCT FROM p_strategy THEN
+            RETURN false;
+        END IF;
+        PERFORM steep_repl.audit('conflict.default_strategy', 'conflict_settings', 'default_strategy',
+            pg_catalog.jsonb_build_object('strategy', (SELECT value FROM steep_repl.conflict_settings WHERE name = 'default_strategy')),
+            pg_catalog.jsonb_build_object('strategy', p_strategy));
+        INSERT INTO steep_repl.conflict_settings (name, value) VALUES ('default_strategy', p_strategy)
+        ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = pg_catalog.now();
+        RETURN true;
+    END IF;
+    v_rel := pg_catalog.to_regclass(p_table);
+    IF v_rel IS NULL THEN
+        RAISE EXCEPTION 'table % does not exist', p_table
+            USING HINT = 'Fix: name an existing table as schema.table.', ERRCODE = '42P01';
+    END IF;
+    SELECT n.nspname, c.relname INTO v_schema, v_name
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_rel;
+    SELECT s.strategy, s.priority INTO v_old FROM steep_repl.conflict_strategies s
+    WHERE s.table_schema = v_schema AND s.table_name = v_name;
+    IF FOUND AND v_old.strategy = p_strategy AND v_old.priority IS NOT DISTINCT FROM p_priority THEN
+        RETURN false;
+    END IF;
+    PERFORM steep_repl.audit('conflict.table_strategy', 'table', v_schema || '.' || v_name,
+        CASE WHEN v_old IS NULL THEN NULL ELSE pg_catalog.jsonb_build_object('strategy', v_old.strategy, 'priority', v_old.priority) END,
+        pg_catalog.jsonb_build_object('strategy', p_strategy, 'priority', p_priority));
+    INSERT INTO steep_repl.conflict_strategies (table_schema, table_name, strategy, priority)
+    VALUES (v_schema, v_name, p_strategy, p_priority)
+    ON CONFLICT (table_schema, table_name) DO UPDATE
+        SET strategy = EXCLUDED.strategy, priority = EXCLUDED.priority, updated_at = pg_catalog.now();
+    RETURN true;
+END $$;
+
+-- Remove a table's own strategy (it falls back to the default). Returns true when removed.
+CREATE OR REPLACE FUNCTION steep_repl.clear_conflict_strategy(p_schema TEXT, p_table TEXT)
+RETURNS BOOLEAN LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE v_old RECORD;
+BEGIN
+    DELETE FROM steep_repl.conflict_strategies s WHERE s.table_schema = p_schema AND s.table_name = p_table
+    RETURNING s.strategy, s.priority INTO v_old;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM steep_repl.audit('conflict.table_strategy_cleared', 'table', p_schema || '.' || p_table,
+        pg_catalog.jsonb_build_object('strategy', v_old.strategy, 'priority', v_old.priority), NULL);
+    RETURN true;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Origin side: a new version for every local write
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION steep_repl._capture(p_tbl TEXT, p_pk TEXT, p_deleted BOOLEAN, p_img JSONB)
+RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    l steep_repl.row_version;
+    v_me TEXT := steep_repl.local_node_id();
+    v_forced BOOLEAN := coalesce(pg_catalog.current_setting('steep_repl.forced', true), '') = 'on';
+    v_op TEXT;
+BEGIN
+    IF v_me IS NULL THEN
+        RAISE EXCEPTION 'steep_repl: this node is not registered (no steep_repl.nodes row with is_local)'
+            USING HINT = 'Fix: run the foundation play (playbooks/steep_foundation.yml) before writing to replicated tables.';
+    END IF;
+    -- in a deadlock with an apply worker (deadlock_timeout 5s there) this session must be the victim
+    PERFORM pg_catalog.set_config('deadlock_timeout', '100ms', true);
+    FOR i IN 1..5 LOOP
+        l := NULL;
+        DELETE FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk RETURNING v.* INTO l;
+        v_op := CASE WHEN p_deleted THEN 'D'
+                     WHEN l.tbl IS NULL OR l.deleted THEN 'I' ELSE 'U' END;
+        INSERT INTO steep_repl.row_version (tbl, pk, ver_ts, ver_node, depth, epoch, deleted, base_ts, base_node,
+                                            origin_xid, forced, gen, op, img)
+        VALUES (p_tbl, p_pk,
+                CASE WHEN l.ver_ts IS NULL THEN pg_catalog.clock_timestamp()
+                     ELSE GREATEST(pg_catalog.clock_timestamp(), l.ver_ts + interval '1 microsecond') END,
+                v_me,
+                coalesce(l.depth + 1, 0),
+                CASE WHEN l.tbl IS NULL THEN 0
+                     WHEN l.deleted AND NOT p_deleted THEN l.epoch + 1 ELSE l.epoch END,
+                p_deleted, l.ver_ts, l.ver_node, pg_catalog.txid_current(), v_forced,
+                coalesce(l.gen, 0) + CASE WHEN v_forced THEN 1 ELSE 0 END,
+                v_op, CASE WHEN p_deleted THEN NULL ELSE p_img END)
+        ON CONFLICT (tbl, pk) DO NOTHING;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'steep_repl: could not record a version for % % (concurrent writers)', p_tbl, p_pk
+        USING HINT = 'Fix: retry the transaction.', ERRCODE = '40001';
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Apply side
+-- ---------------------------------------------------------------------------------------------
+-- Node strength for ties: (priority desc, node_id asc); returns true when node a is stronger.
+CREATE OR REPLACE FUNCTION steep_repl._node_stronger(a TEXT, b TEXT) RETURNS BOOLEAN
+LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE pa INTEGER; pb INTEGER;
+BEGIN
+    pa := coalesce((SELECT n.priority FROM steep_repl.nodes n WHERE n.node_id = a), 0);
+    pb := coalesce((SELECT n.priority FROM steep_repl.nodes n WHERE n.node_id = b), 0);
+    IF pa <> pb THEN
+        RETURN pa > pb;
+    END IF;
+    RETURN (a COLLATE "C") < (b COLLATE "C");
+END $$;
+
+-- Does version r beat version l under the strategy's total order? Identical on every node.
+-- generation, incarnation and tombstone come first for every strategy; keep_local, apply_remote
+-- and manual are decided by the caller and use last_write_wins here only for tie-breaking.
+CREATE OR REPLACE FUNCTION steep_repl._beats(p_strategy TEXT, p_list TEXT[],
+                                             r steep_repl.row_version, l steep_repl.row_version)
+RETURNS BOOLEAN LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE rr BIGINT; lr BIGINT;
+BEGIN
+    IF r.gen <> l.gen THEN RETURN r.gen > l.gen; END IF;
+    IF r.epoch <> l.epoch THEN RETURN r.epoch > l.epoch; END IF;
+    IF r.deleted <> l.deleted THEN RETURN r.deleted; END IF;
+    IF p_strategy = 'first_write_wins' THEN
+        IF r.depth <> l.depth THEN RETURN r.depth > l.depth; END IF;
+        IF r.ver_ts <> l.ver_ts THEN RETURN r.ver_ts < l.ver_ts; END IF;
+    ELSIF p_strategy = 'node_priority' THEN
+        IF r.depth <> l.depth THEN RETURN r.depth > l.depth; END IF;
+        IF p_list IS NOT NULL THEN
+            rr := -coalesce(pg_catalog.array_position(p_list, r.ver_node), 1000000);
+            lr := -coalesce(pg_catalog.array_position(p_list, l.ver_node), 1000000);
+            IF rr <> lr THEN RETURN rr > lr; END IF;
+        END IF;
+        IF r.ver_node <> l.ver_node THEN
+            RETURN steep_repl._node_stronger(r.ver_node, l.ver_node);
+        END IF;
+        IF r.ver_ts <> l.ver_ts THEN RETURN r.ver_ts > l.ver_ts; END IF;
+    ELSE
+        IF r.ver_ts <> l.ver_ts THEN RETURN r.ver_ts > l.ver_ts; END IF;
+    END IF;
+    IF r.ver_node <> l.ver_node THEN
+        RETURN steep_repl._node_stronger(r.ver_node, l.ver_node);
+    END IF;
+    RETURN r.depth > l.depth;
+END $$;
+
+CREATE OR REPLACE FUNCTION steep_repl._version_json(v steep_repl.row_version) RETURNS JSONB
+LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+    SELECT pg_catalog.jsonb_build_object('ver_ts', v.ver_ts, 'ver_node', v.ver_node, 'depth', v.depth,
+        'epoch', v.epoch, 'gen', v.gen, 'deleted', v.deleted, 'op', v.op, 'base_ts', v.base_ts,
+        'base_node', v.base_node, 'origin_xid', v.origin_xid, 'forced', v.forced)
+$$;
+
+-- Mark the PENDING conflicts of a key resolved (a forced version from a peer or a local resolution).
+CREATE OR REPLACE FUNCTION steep_repl._settle_pending(p_schema TEXT, p_table TEXT, p_pk TEXT,
+    p_resolution TEXT, p_by TEXT, p_tuple JSONB, p_note TEXT)
+RETURNS INTEGER LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE n INTEGER;
+BEGIN
+    UPDATE steep_repl.conflict_log c
+       SET resolution = p_resolution, resolved_at = pg_catalog.now(), resolved_by = p_by,
+           resolved_tuple = p_tuple, note = p_note
+     WHERE c.resolution = 'PENDING' AND c.table_schema = p_schema AND c.table_name = p_table AND c.pk = p_pk;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- BEFORE trigger (ENABLE REPLICA) on steep_repl.row_version: the decision for one incoming version.
+CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    r steep_repl.row_version;
+    l steep_repl.row_version;
+    t RECORD;
+    v_cur JSONB;
+    v_conflict BOOLEAN;
+    v_remote BOOLEAN;
+    v_strategy TEXT;
+    v_list TEXT[];
+    v_type TEXT;
+    v_resolution TEXT;
+    v_sub TEXT;
+    v_claimed BOOLEAN := false;
+BEGIN
+    IF pg_catalog.pg_trigger_depth() > 1 THEN   -- our own writes below
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'DELETE' THEN                    -- origins replace versions by DELETE + INSERT
+        RETURN NULL;
+    END IF;
+    r := NEW;
+    SELECT * INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl;
+    IF NOT FOUND THEN                           -- not a table we manage here: keep the version only
+        DELETE FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk;
+        INSERT INTO steep_repl.row_version VALUES (r.*);
+        RETURN NULL;
+    END IF;
+    -- a local session that waits for us must lose a deadlock, never the apply worker
+    PERFORM pg_catalog.set_config('deadlock_timeout', '5s', true);
+    -- lock order = local writers: the user row first, then its version
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'lock', r.pk;
+    FOR i IN 1..5 LOOP
+        SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk FOR UPDATE;
+        IF FOUND THEN
+            EXIT;
+        END IF;
+        l := NULL;
+        -- no local version: claim the key with the incoming one (a concurrent local writer that
+        -- committed one meanwhile makes this a no-op and we read its version)
+        INSERT INTO steep_repl.row_version VALUES (r.*) ON CONFLICT (tbl, pk) DO NOTHING;
+        IF FOUND THEN
+            v_claimed := true;
+            EXIT;
+        END IF;
+    END LOOP;
+    IF v_cur IS NULL THEN                       -- a row inserted meanwhile by a committed local writer
+        EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'lock', r.pk;
+    END IF;
+    IF v_claimed THEN                           -- first version of this key here: it applies
+        IF r.deleted THEN
+            IF v_cur IS NOT NULL THEN
+                EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) USING 'del', r.pk;
+            END IF;
+        ELSE
+            EXECUTE pg_catalog.format('SELECT %s($1, $2, $3)', t.rowop) USING 'put', r.pk, r.img;
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF l.tbl IS NULL THEN
+        RAISE EXCEPTION 'steep_repl: cannot lock the version of % % (concurrent writers)', r.tbl, r.pk;
+    END IF;
+
+    IF l.tbl IS NOT NULL THEN
+        -- duplicate delivery (copy + replay) or an older version of the same origin: silent no-op
+        IF (r.ver_ts = l.ver_ts AND r.ver_node = l.ver_node)
+           OR (r.ver_node = l.ver_node AND r.ver_ts < l.ver_ts)
+           OR (r.ver_ts = l.base_ts AND r.ver_node = l.base_node) THEN
+            RETURN NULL;
+        END IF;
+        v_conflict := r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node;
+    END IF;
+
+    IF NOT v_conflict THEN
+        v_remote := true;
+    ELSE
+        SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(t.table_schema, t.table_name) s;
+        v_type := CASE WHEN r.deleted AND l.deleted THEN 'DELETE_DELETE'
+                       WHEN r.deleted OR l.deleted THEN 'UPDATE_DELETE'
+                       WHEN r.op = 'I' AND l.op = 'I' THEN 'INSERT_INSERT'
+                       ELSE 'UPDATE_UPDATE' END;
+        IF r.gen <> l.gen THEN
+            v_remote := r.gen > l.gen;          -- a newer resolution beats everything older
+        ELSIF v_type = 'DELETE_DELETE' THEN
+            v_remote := steep_repl._beats('last_write_wins', NULL, r, l);
+        ELSIF v_strategy = 'keep_local' OR v_strategy = 'manual' THEN
+            v_remote := false;
+        ELSIF v_strategy = 'apply_remote' THEN
+            v_remote := true;
+        ELSE
+            v_remote := steep_repl._beats(v_strategy, v_list, r, l);
+        END IF;
+        v_resolution := CASE WHEN v_type = 'DELETE_DELETE' THEN 'BENIGN'
+                             WHEN v_strategy = 'manual' AND NOT v_remote THEN 'PENDING'
+                             WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END;
+        v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
+                           WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
+        INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
+            local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
+            resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple)
+        VALUES (v_sub, t.table_schema, t.table_name, v_type,
+            v_cur, r.img, l.ver_node, r.ver_node, l.ver_ts, r.ver_ts, r.origin_xid,
+            v_resolution,
+            CASE WHEN v_resolution = 'PENDING' THEN NULL ELSE pg_catalog.now() END,
+            CASE WHEN v_resolution = 'PENDING' THEN NULL
+                 WHEN r.gen <> l.gen THEN 'steep_repl:generation' ELSE 'steep_repl:' || v_strategy END,
+            r.pk, v_strategy, CASE WHEN v_remote THEN 'remote' ELSE 'local' END,
+            steep_repl._version_json(l), steep_repl._version_json(r),
+            CASE WHEN v_resolution = 'PENDING' THEN NULL WHEN v_remote THEN r.img ELSE v_cur END);
+    END IF;
+
+    IF NOT v_remote THEN
+        RETURN NULL;                            -- local version and row stay
+    END IF;
+    -- remote wins: the row becomes the version's image, the version becomes the local one
+    IF r.deleted THEN
+        IF v_cur IS NOT NULL THEN
+            EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) USING 'del', r.pk;
+        END IF;
+    ELSE
+        EXECUTE pg_catalog.format('SELECT %s($1, $2, $3)', t.rowop) USING 'put', r.pk, r.img;
+    END IF;
+    IF r.forced THEN
+        PERFORM steep_repl._settle_pending(t.table_schema, t.table_name, r.pk, 'APPLIED_REMOTE',
+            'steep_repl:resolution@' || r.ver_node, r.img, 'resolved by a manual resolution on ' || r.ver_node);
+    END IF;
+    UPDATE steep_repl.row_version v
+       SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
+           base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
+           gen = r.gen, op = r.op, img = r.img
+     WHERE v.tbl = r.tbl AND v.pk = r.pk;
+    RETURN NULL;
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgname = 'steep_repl_apply'
+                   AND tgrelid = 'steep_repl.row_version'::pg_catalog.regclass) THEN
+        CREATE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON steep_repl.row_version
+            FOR EACH ROW EXECUTE FUNCTION steep_repl._row_version_apply();
+        ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER steep_repl_apply;
+    END IF;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- enable_table / disable_table: generated per-table functions and triggers
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION steep_repl._conflict_fn_suffix(p_tbl TEXT) RETURNS TEXT
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT pg_catalog.substr(pg_catalog.md5(p_tbl), 1, 16)
+$$;
+
+CREATE OR REPLACE FUNCTION steep_repl.enable_table(p_table pg_catalog.regclass)
+RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $gen$
+DECLARE
+    v_schema TEXT; v_name TEXT; v_kind "char"; v_tbl TEXT; v_h TEXT; v_q TEXT;
+    v_pk TEXT[]; v_cols TEXT[];
+    v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
+    v_setx TEXT; v_pklist TEXT;
+    v_rowop TEXT; v_capture TEXT; v_apply TEXT;
+    v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
+BEGIN
+    PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
+    SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_name, v_kind
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF v_kind IS DISTINCT FROM 'r' THEN
+        RAISE EXCEPTION '% is not an ordinary table', p_table
+            USING HINT = 'Fix: only ordinary tables can be replicated (partitioned tables, views and foreign tables cannot).',
+                  ERRCODE = '42809';
+    END IF;
+    IF v_schema = 'steep_repl' THEN
+        RAISE EXCEPTION 'table % belongs to steep_repl and cannot be enabled', p_table
+            USING HINT = 'Fix: enable user tables only.', ERRCODE = '42809';
+    END IF;
+    v_tbl := v_schema || '.' || v_name;
+    v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
+    FROM pg_catalog.pg_constraint con
+    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    WHERE con.conrelid = p_table AND con.contype = 'p';
+    IF v_pk IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key; steep.repl needs one to identify rows and resolve conflicts', v_tbl
+            USING HINT = pg_catalog.format('Fix: ALTER TABLE %s ADD PRIMARY KEY (<columns>); on every node, then re-run.', v_q),
+                  ERRCODE = '55000';
+    END IF;
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY a.attnum) INTO v_cols
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+
+    v_h := steep_repl._conflict_fn_suffix(v_tbl);
+    v_rowop := 'steep_repl.' || pg_catalog.quote_ident('rowop_' || v_h);
+    v_capture := 'steep_repl.' || pg_catalog.quote_ident('capture_' || v_h);
+    v_apply := 'steep_repl.' || pg_catalog.quote_ident('apply_' || v_h);
+
+    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(c), ', ') || ')::text',
+           'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(c), ', ') || ')::text',
+           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(c) || ' = k.' || pg_catalog.quote_ident(c), ' AND '),
+           'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', j->' || (o - 1), ', ') || ')'
+      INTO v_pk_new, v_pk_old, v_match, v_keyobj
+    FROM pg_catalog.unnest(v_pk) WITH ORDINALITY AS u(c, o);
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = x.' || pg_catalog.quote_ident(c), ', '),
+           pg_catalog.string_agg(pg_catalog.quote_ident(c), ', '),
+           pg_catalog.string_agg('x.' || pg_catalog.quote_ident(c), ', '),
+           pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = EXCLUDED.' || pg_catalog.quote_ident(c), ', ')
+      INTO v_set, v_collist, v_sel, v_setx
+    FROM pg_catalog.unnest(v_cols) AS u(c);
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c), ', ') INTO v_pklist FROM pg_catalog.unnest(v_pk) AS u(c);
+
+    -- rowop: lock/read, insert, update, delete one row of the table by canonical key / image
+    EXECUTE pg_catalog.format($f$
+CREATE OR REPLACE FUNCTION %1$s(p_action TEXT, p_pk TEXT, p_img JSONB) RETURNS JSONB
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+DECLARE
+    j JSONB := p_pk::JSONB;
+    k %2$s := pg_catalog.jsonb_populate_record(NULL::%2$s, %3$s);
+    r JSONB;
+BEGIN
+    IF p_action = 'lock' THEN
+        SELECT pg_catalog.to_jsonb(t.*) INTO r FROM ONLY %2$s AS t WHERE %4$s FOR UPDATE;
+        RETURN r;
+    ELSIF p_action = 'get' THEN
+        SELECT pg_catalog.to_jsonb(t.*) INTO r FROM ONLY %2$s AS t WHERE %4$s;
+        RETURN r;
+    ELSIF p_action = 'ins' THEN
+        INSERT INTO %2$s (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x;
+    ELSIF p_action = 'upd' THEN
+        UPDATE ONLY %2$s AS t SET %7$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x WHERE %4$s;
+    ELSIF p_action = 'put' THEN
+        INSERT INTO %2$s AS t (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x
+        ON CONFLICT (%8$s) DO UPDATE SET %9$s;
+    ELSIF p_action = 'del' THEN
+        DELETE FROM ONLY %2$s AS t WHERE %4$s;
+    ELSE
+        RAISE EXCEPTION 'steep_repl: unknown row operation %%', p_action;
+    END IF;
+    RETURN NULL;
+END $body$ $f$, v_rowop, v_q, v_keyobj, v_match, v_collist, v_sel, v_set, v_pklist, v_setx);
+
+    -- capture: origin side, ordinary sessions only; AFTER ROW so it sees the row really written
+    -- (other BEFORE triggers done, ON CONFLICT DO NOTHING skipped)
+    EXECUTE pg_catalog.format($f$
+CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+DECLARE k TEXT; ok TEXT;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM steep_repl._capture(%2$L, %4$s, true, NULL);
+        RETURN NULL;
+    END IF;
+    k := %3$s;
+    IF TG_OP = 'UPDATE' THEN
+        ok := %4$s;
+        IF ok <> k THEN
+            PERFORM steep_repl._capture(%2$L, ok, true, NULL);
+        END IF;
+    END IF;
+    PERFORM steep_repl._capture(%2$L, k, false, pg_catalog.to_jsonb(NEW));
+    RETURN NULL;
+END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old);
+
+    -- apply: the user-row change itself is redundant (its version carries the full row and is
+    -- materialised by the row_version trigger): skip it; our own materialisation runs nested
+    EXECUTE pg_catalog.format($f$
+CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+BEGIN
+    IF pg_catalog.pg_trigger_depth() > 1 THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    RETURN NULL;
+END $body$ $f$, v_apply);
+
+    EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                              'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_capture);
+    EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON %s '
+                              'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_apply);
+    EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_apply', v_q);
+    INSERT INTO steep_repl.conflict_tables (tbl, table_schema, table_name, pk_columns, rowop)
+    VALUES (v_tbl, v_schema, v_name, v_pk, v_rowop)
+    ON CONFLICT (tbl) DO UPDATE SET pk_columns = EXCLUDED.pk_columns, rowop = EXCLUDED.rowop;
+    PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', coalesce(v_guard, ''), true);
+END $gen$;
+
+CREATE OR REPLACE FUNCTION steep_repl.disable_table(p_table pg_catalog.regclass)
+RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE v_schema TEXT; v_name TEXT; v_tbl TEXT; v_h TEXT; v_q TEXT;
+BEGIN
+    SELECT n.nspname, c.relname INTO v_schema, v_name
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    v_tbl := v_schema || '.' || v_name;
+    v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
+    v_h := steep_repl._conflict_fn_suffix(v_tbl);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_capture ON %s', v_q);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_apply ON %s', v_q);
+    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'capture_' || v_h);
+    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'apply_' || v_h);
+    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I(TEXT, TEXT, JSONB)', 'rowop_' || v_h);
+    DELETE FROM steep_repl.conflict_tables WHERE tbl = v_tbl;
+    DELETE FROM steep_repl.row_version WHERE tbl = v_tbl;
+END $$;
+
+-- Re-generate the functions after ALTER TABLE (columns added, dropped, renamed).
+CREATE OR REPLACE FUNCTION steep_repl._conflict_ddl() RETURNS EVENT_TRIGGER
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE r RECORD;
+BEGIN
+    IF coalesce(pg_catalog.current_setting('steep_repl.in_conflict_ddl', true), '') = 'on' THEN
+        RETURN;                                 -- our own ALTER TABLE ... ENABLE REPLICA TRIGGER
+    END IF;
+    PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
+    FOR r IN SELECT DISTINCT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
+             JOIN pg_catalog.pg_class c ON c.oid = d.objid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             JOIN steep_repl.conflict_tables ct ON ct.table_schema = n.nspname AND ct.table_name = c.relname
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.command_tag = 'ALTER TABLE'
+               AND d.objsubid = 0 LOOP
+        PERFORM steep_repl.enable_table(r.objid::pg_catalog.regclass);
+    END LOOP;
+    PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', '', true);
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_ddl') THEN
+        CREATE EVENT TRIGGER steep_repl_conflict_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION steep_repl._conflict_ddl();
+    END IF;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Resolution API (a resolution is a local write flagged forced: it reaches every node)
+-- ---------------------------------------------------------------------------------------------
+-- Write p_img (NULL = delete) for a key as a forced local write. Returns the row now in place.
+CREATE OR REPLACE FUNCTION steep_repl._forced_write(p_tbl TEXT, p_pk TEXT, p_img JSONB)
+RETURNS JSONB LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE t RECORD; v_cur JSONB; v_prev TEXT;
+BEGIN
+    SELECT * INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = p_tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % has no conflict triggers on this node', p_tbl
+            USING HINT = 'Fix: add it to steep_replicated_tables and run playbooks/site.yml (or SELECT steep_repl.enable_table(...)).';
+    END IF;
+    IF pg_catalog.current_setting('session_replication_role') <> 'origin' THEN
+        RAISE EXCEPTION 'session_replication_role is %: a resolution must run as an ordinary write',
+            pg_catalog.current_setting('session_replication_role')
+            USING HINT = 'Fix: SET session_replication_role = origin; and retry.';
+    END IF;
+    v_prev := pg_catalog.current_setting('steep_repl.forced', true);
+    PERFORM pg_catalog.set_config('steep_repl.forced', 'on', true);
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'lock', p_pk;
+    IF p_img IS NULL THEN
+        IF v_cur IS NOT NULL THEN
+            EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) USING 'del', p_pk;
+        ELSE                                    -- already absent here: still send a forced tombstone
+            PERFORM steep_repl._capture(p_tbl, p_pk, true, NULL);
+        END IF;
+    ELSIF v_cur IS NULL THEN
+        EXECUTE pg_catalog.format('SELECT %s($1, $2, $3)', t.rowop) USING 'ins', p_pk, p_img;
+    ELSE
+        EXECUTE pg_catalog.format('SELECT %s($1, $2, $3)', t.rowop) USING 'upd', p_pk, p_img;
+    END IF;
+    PERFORM pg_catalog.set_config('steep_repl.forced', coalesce(v_prev, ''), true);
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'get', p_pk;
+    RETURN v_cur;
+END $$;
+
+-- The canonical key of a row image of a table (PK columns in order).
+CREATE OR REPLACE FUNCTION steep_repl._image_pk(p_tbl TEXT, p_img JSONB) RETURNS TEXT
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT pg_catalog.jsonb_agg(p_img -> c ORDER BY o)::TEXT
+    FROM steep_repl.conflict_tables ct, pg_catalog.unnest(ct.pk_columns) WITH ORDINALITY AS u(c, o)
+    WHERE ct.tbl = p_tbl
+$$;
+
+CREATE OR REPLACE FUNCTION steep_repl.resolve_conflict(
+    p_conflict_id BIGINT, p_resolution TEXT, p_merged JSONB DEFAULT NULL)
+RETURNS TEXT LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    c steep_repl.conflict_log;
+    v_tbl TEXT; v_cur JSONB; v_target JSONB; v_label TEXT; v_after JSONB; v_by TEXT := pg_catalog.session_user()::TEXT;
+BEGIN
+    IF p_resolution IS NULL OR p_resolution NOT IN ('local', 'remote', 'merge') THEN
+        RAISE EXCEPTION 'unknown resolution %', coalesce(pg_catalog.quote_literal(p_resolution), 'NULL')
+            USING HINT = 'Fix: use local, remote or merge (merge needs the merged row).', ERRCODE = '22023';
+    END IF;
+    SELECT * INTO c FROM steep_repl.conflict_log WHERE id = p_conflict_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'conflict % does not exist', p_conflict_id
+            USING HINT = 'Fix: list pending conflicts with SELECT id, table_schema, table_name, pk FROM steep_repl.conflict_log WHERE resolution = ''PENDING'';',
+                  ERRCODE = 'P0002';
+    END IF;
+    IF c.resolution IS DISTINCT FROM 'PENDING' THEN
+        RAISE EXCEPTION 'conflict % is not pending (resolution %, resolved at % by %)', p_conflict_id,
+            c.resolution, c.resolved_at, c.resolved_by
+            USING HINT = 'Fix: only PENDING conflicts can be resolved; use steep_repl.revert_resolution() to undo a resolution.',
+                  ERRCODE = '55000';
+    END IF;
+    IF p_resolution = 'merge' AND (p_merged IS NULL OR pg_catalog.jsonb_typeof(p_merged) <> 'object') THEN
+        RAISE EXCEPTION 'merge needs the merged row as a JSON object (got %)', coalesce(p_merged::TEXT, 'NULL')
+            USING HINT = 'Fix: pass p_merged, e.g. ''{"status": "shipped"}''::jsonb (columns not given keep their local value).',
+                  ERRCODE = '22023';
+    END IF;
+    IF p_resolution <> 'merge' AND p_merged IS NOT NULL THEN
+        RAISE EXCEPTION 'a merged row is only valid with resolution merge (got %)', p_resolution
+            USING HINT = 'Fix: drop p_merged or use merge.', ERRCODE = '22023';
+    END IF;
+    v_tbl := c.table_schema || '.' || c.table_name;
+    IF NOT EXISTS (SELECT 1 FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl) THEN
+        RAISE EXCEPTION 'table % has no conflict triggers on this node', v_tbl
+            USING HINT = 'Fix: add it to steep_replicated_tables and run playbooks/site.yml.', ERRCODE = '55000';
+    END IF;
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', (SELECT ct.rowop FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl))
+        INTO v_cur USING 'get', c.pk;
+    IF p_resolution = 'local' THEN
+        v_target := v_cur; v_label := 'KEPT_LOCAL';
+    ELSIF p_resolution = 'remote' THEN
+        IF c.remote_tuple IS NULL AND NOT coalesce((c.remote_version ->> 'deleted')::BOOLEAN, false) THEN
+            RAISE EXCEPTION 'conflict % has no remote row recorded', p_conflict_id
+                USING HINT = 'Fix: resolve with merge and give the full row.', ERRCODE = '55000';
+        END IF;
+        v_target := c.remote_tuple; v_label := 'APPLIED_REMOTE';
+    ELSE
+        v_target := coalesce(v_cur, c.local_tuple, c.remote_tuple, '{}'::JSONB) || p_merged;
+        IF steep_repl._image_pk(v_tbl, v_target) IS DISTINCT FROM c.pk THEN
+            RAISE EXCEPTION 'the merged row changes the primary key of conflict % (% -> %)', p_conflict_id,
+                c.pk, steep_repl._image_pk(v_tbl, v_target)
+                USING HINT = 'Fix: keep the primary key columns out of p_merged or give them their current values.',
+                      ERRCODE = '22023';
+        END IF;
+        v_label := 'MERGED';
+    END IF;
+    v_after := steep_repl._forced_write(v_tbl, c.pk, v_target);
+    UPDATE steep_repl.conflict_log
+       SET resolution = v_label, resolved_at = pg_catalog.now(), resolved_by = v_by, resolved_tuple = v_after,
+           note = 'manual: ' || p_resolution
+     WHERE id = p_conflict_id;
+    PERFORM steep_repl._settle_pending(c.table_schema, c.table_name, c.pk, v_label, v_by, v_after,
+                                       'settled by the resolution of conflict ' || p_conflict_id);
+    PERFORM steep_repl.audit('conflict.resolve', 'conflict', p_conflict_id::TEXT,
+        pg_catalog.jsonb_build_object('resolution', 'PENDING', 'local_tuple', v_cur),
+        pg_catalog.jsonb_build_object('resolution', v_label, 'row', v_after, 'choice', p_resolution));
+    RETURN v_label;
+END $$;
+
+CREATE OR REPLACE FUNCTION steep_repl.resolve_conflicts_bulk(
+    p_resolution TEXT,
+    p_filter_xid BIGINT DEFAULT NULL,
+    p_filter_table TEXT DEFAULT NULL,
+    p_filter_time_start TIMESTAMPTZ DEFAULT NULL,
+    p_filter_time_end TIMESTAMPTZ DEFAULT NULL)
+RETURNS INTEGER LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE v_schema TEXT; v_name TEXT; v_id BIGINT; n INTEGER := 0;
+BEGIN
+    IF p_resolution IS NULL OR p_resolution NOT IN ('local', 'remote') THEN
+        RAISE EXCEPTION 'bulk resolution must be local or remote (got %)', coalesce(pg_catalog.quote_literal(p_resolution), 'NULL')
+            USING HINT = 'Fix: use local or remote; merge needs a row per conflict (steep_repl.resolve_conflict).',
+                  ERRCODE = '22023';
+    END IF;
+    IF p_filter_time_start IS NOT NULL AND p_filter_time_end IS NOT NULL AND p_filter_time_end < p_filter_time_start THEN
+        RAISE EXCEPTION 'the time window ends (%) before it starts (%)', p_filter_time_end, p_filter_time_start
+            USING HINT = 'Fix: swap the bounds.', ERRCODE = '22023';
+    END IF;
+    IF p_filter_table IS NOT NULL THEN
+        IF pg_catalog.strpos(p_filter_table, '.') > 0 THEN
+            v_schema := pg_catalog.split_part(p_filter_table, '.', 1);
+            v_name := pg_catalog.substr(p_filter_table, pg_catalog.length(v_schema) + 2);
+        ELSE
+            v_schema := 'public'; v_name := p_filter_table;
+        END IF;
+    END IF;
+    FOR v_id IN SELECT c.id FROM steep_repl.conflict_log c
+                WHERE c.resolution = 'PENDING'
+                  AND (p_filter_xid IS NULL OR c.origin_xid = p_filter_xid)
+                  AND (v_schema IS NULL OR (c.table_schema = v_schema AND c.table_name = v_name))
+                  AND (p_filter_time_start IS NULL OR c.detected_at >= p_filter_time_start)
+                  AND (p_filter_time_end IS NULL OR c.detected_at <= p_filter_time_end)
+                ORDER BY c.id LOOP
+        -- an earlier resolution of the same key may have settled this one already
+        IF (SELECT c.resolution FROM steep_repl.conflict_log c WHERE c.id = v_id) = 'PENDING' THEN
+            PERFORM steep_repl.resolve_conflict(v_id, p_resolution);
+            n := n + 1;
+        END IF;
+    END LOOP;
+    PERFORM steep_repl.audit('conflict.resolve_bulk', 'conflict', NULL, NULL,
+        pg_catalog.jsonb_build_object('resolution', p_resolution, 'xid', p_filter_xid, 'table', p_filter_table,
+                                      'time_start', p_filter_time_start, 'time_end', p_filter_time_end, 'resolved', n));
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION steep_repl.revert_resolution(
+    p_conflict_id BIGINT, p_reason TEXT DEFAULT 'Manual revert')
+RETURNS BIGINT LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    c steep_repl.conflict_log; v_tbl TEXT; v_cur JSONB; v_target JSONB; v_label TEXT; v_after JSONB; v_new BIGINT;
+    v_by TEXT := pg_catalog.session_user()::TEXT;
+BEGIN
+    SELECT * INTO c FROM steep_repl.conflict_log WHERE id = p_conflict_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'conflict % does not exist', p_conflict_id
+            USING HINT = 'Fix: SELECT id, resolution FROM steep_repl.conflict_log ORDER BY id DESC; to find it.',
+                  ERRCODE = 'P0002';
+    END IF;
+    IF c.resolution IS NULL OR c.resolution NOT IN ('APPLIED_REMOTE', 'KEPT_LOCAL', 'MERGED') THEN
+        RAISE EXCEPTION 'conflict % cannot be reverted: its resolution is %', p_conflict_id, coalesce(c.resolution, 'NULL')
+            USING HINT = CASE c.resolution
+                WHEN 'PENDING' THEN 'Fix: resolve it with steep_repl.resolve_conflict().'
+                WHEN 'REVERTED' THEN pg_catalog.format('Fix: it was already reverted; revert conflict %s to flip it back.', c.reverted_by)
+                ELSE 'Fix: only APPLIED_REMOTE, KEPT_LOCAL and MERGED resolutions can be reverted.' END,
+                  ERRCODE = '55000';
+    END IF;
+    v_tbl := c.table_schema || '.' || c.table_name;
+    IF NOT EXISTS (SELECT 1 FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl) THEN
+        RAISE EXCEPTION 'table % has no conflict triggers on this node', v_tbl
+            USING HINT = 'Fix: add it to steep_replicated_tables and run playbooks/site.yml.', ERRCODE = '55000';
+    END IF;
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', (SELECT ct.rowop FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl))
+        INTO v_cur USING 'get', c.pk;
+    IF v_cur IS DISTINCT FROM c.resolved_tuple THEN
+        RAISE EXCEPTION 'the row of conflict % changed after the resolution; reverting would lose that change', p_conflict_id
+            USING DETAIL = pg_catalog.format('now: %s; left by the resolution: %s', coalesce(v_cur::TEXT, 'absent'),
+                                             coalesce(c.resolved_tuple::TEXT, 'absent')),
+                  HINT = 'Fix: write the row you want directly (it replicates), nothing was changed.', ERRCODE = '55000';
+    END IF;
+    IF c.resolution = 'KEPT_LOCAL' THEN
+        v_target := c.remote_tuple; v_label := 'APPLIED_REMOTE';
+    ELSE
+        v_target := c.local_tuple; v_label := 'KEPT_LOCAL';
+    END IF;
+    v_after := steep_repl._forced_write(v_tbl, c.pk, v_target);
+    INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type, local_tuple,
+        remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid, resolution,
+        resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple, reverts, note)
+    VALUES (c.subscription, c.table_schema, c.table_name, c.conflict_type, c.local_tuple, c.remote_tuple,
+        c.local_origin, c.remote_origin, c.local_xact_ts, c.remote_xact_ts, c.origin_xid, v_label,
+        pg_catalog.now(), v_by, c.pk, c.strategy, CASE WHEN v_label = 'KEPT_LOCAL' THEN 'local' ELSE 'remote' END,
+        c.local_version, c.remote_version, v_after, p_conflict_id, 'revert: ' || coalesce(p_reason, ''))
+    RETURNING id INTO v_new;
+    UPDATE steep_repl.conflict_log SET resolution = 'REVERTED', reverted_by = v_new WHERE id = p_conflict_id;
+    PERFORM steep_repl.audit('conflict.revert', 'conflict', p_conflict_id::TEXT,
+        pg_catalog.jsonb_build_object('resolution', c.resolution, 'row', v_cur),
+        pg_catalog.jsonb_build_object('resolution', v_label, 'row', v_after, 'new_conflict_id', v_new,
+                                      'reason', p_reason));
+    RETURN v_new;
+END $$;

@@ -1,0 +1,132 @@
+"""Helpers of the conflict-engine tests: pause/resume the mesh, wait, randomised workloads.
+
+Real servers only (steeplab), the mesh is built by the real site.yml (tests/mesh.py).
+"""
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import mesh  # noqa: E402
+
+
+def subscriptions(node):
+    return [r[0] for r in node.sql("SELECT subname FROM pg_catalog.pg_subscription WHERE subname LIKE 'steep\\_%%'")]
+
+
+def pause(lab, timeout=30):
+    """Disable every steep subscription and wait until no apply worker runs (writes now conflict)."""
+    for n in lab.nodes:
+        for s in subscriptions(n):
+            n.sql('ALTER SUBSCRIPTION "%s" DISABLE' % s)
+    deadline = time.monotonic() + timeout
+    while any(n.sql("SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname LIKE 'steep\\_%%' "
+                    "AND pid IS NOT NULL")[0][0] for n in lab.nodes):
+        assert time.monotonic() < deadline, "apply workers did not stop"
+        time.sleep(0.1)
+
+
+def resume(lab):
+    for n in lab.nodes:
+        for s in subscriptions(n):
+            n.sql('ALTER SUBSCRIPTION "%s" ENABLE' % s)
+
+
+def caught_up(lab, timeout=60):
+    """Wait until every slot confirmed the WAL written before the call (rows may differ)."""
+    mesh.wait_converged(lab, "SELECT 1", timeout=timeout)
+
+
+def wait_for(pred, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.2)
+
+
+def rows(node, table):
+    return node.sql("SELECT * FROM %s ORDER BY 1" % table)
+
+
+def conflicts(node, table=None, pk=None):
+    q = ("SELECT id, conflict_type, resolution, winner, local_tuple, remote_tuple, local_origin, remote_origin, "
+         "local_xact_ts, remote_xact_ts, origin_xid, pk, resolved_by, strategy FROM steep_repl.conflict_log")
+    where, args = [], []
+    if table:
+        where.append("table_schema || '.' || table_name = %s")
+        args.append(table)
+    if pk is not None:
+        where.append("pk = %s")
+        args.append(pk)
+    if where:
+        q += " WHERE " + " AND ".join(where)
+    keys = ["id", "type", "resolution", "winner", "local_tuple", "remote_tuple", "local_origin", "remote_origin",
+            "local_ts", "remote_ts", "origin_xid", "pk", "resolved_by", "strategy"]
+    return [dict(zip(keys, r)) for r in node.sql(q + " ORDER BY id", args or None)]
+
+
+def apply_errors(lab):
+    return {n.name: n.sql("SELECT coalesce(sum(apply_error_count), 0)::int FROM pg_catalog.pg_stat_subscription_stats "
+                          "WHERE subname LIKE 'steep\\_%%'")[0][0] for n in lab.nodes}
+
+
+def run_workload(lab, table, seed, seconds=3.0, keys=6, threads_per_node=2):
+    """Concurrent writers on every node over the same hot keys: updates, inserts of the same keys,
+    deletes and multi-row transactions (keys locked in ascending order). Returns op counts."""
+    stats = {"commits": 0, "errors": 0}
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    failures = []
+
+    def writer(node, idx):
+        rng = random.Random("%s-%s-%s" % (seed, node.name, idx))
+        conn = node.connect(autocommit=False)
+        try:
+            while time.monotonic() < stop:
+                ks = sorted(rng.sample(range(1, keys + 1), rng.choice((1, 1, 2, 3))))
+                try:
+                    with conn.cursor() as cur:
+                        for k in ks:
+                            op = rng.random()
+                            val = rng.randint(0, 10 ** 6)
+                            if op < 0.45:
+                                cur.execute("UPDATE %s SET v = %%s, who = %%s, n = n + 1 WHERE id = %%s" % table,
+                                            (val, node.name, k))
+                            elif op < 0.75:
+                                cur.execute("INSERT INTO %s (id, v, who, n) VALUES (%%s, %%s, %%s, 0) "
+                                            "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, who = EXCLUDED.who"
+                                            % table, (k, val, node.name))
+                            elif op < 0.9:
+                                cur.execute("DELETE FROM %s WHERE id = %%s" % table, (k,))
+                            else:
+                                cur.execute("INSERT INTO %s (id, v, who, n) VALUES (%%s, %%s, %%s, 0) "
+                                            "ON CONFLICT (id) DO NOTHING" % table, (k, val, node.name))
+                    conn.commit()
+                    with lock:
+                        stats["commits"] += 1
+                except psycopg2.Error:
+                    conn.rollback()  # a legitimate client-side error (e.g. duplicate key, deadlock victim)
+                    with lock:
+                        stats["errors"] += 1
+                time.sleep(rng.random() * 0.01)
+        except Exception as exc:  # pragma: no cover - reported below
+            failures.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=writer, args=(n, i)) for n in lab.nodes for i in range(threads_per_node)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    return stats
