@@ -80,6 +80,7 @@ def run_agent(tmp, lab, interval, seconds, fake_peers):
     else:
         doc = yaml.safe_load(path.read_text())
         doc["replication"]["topology"]["nodes"] = []
+        doc["replication"]["credentials"] = {"node1": dict(password_env="STEEP_LAB_PASSWORD")}
         path.write_text(yaml.safe_dump(doc))
     a = AgentProc(path, port, Path(tmp) / "node1.log").start()
     agents.append(a)
@@ -122,7 +123,10 @@ def main():
         ten = run_agent(Path(tmp) / "ten", lab, args.interval, args.seconds, True)
     finally:
         lab.destroy()
-    ok = lambda r: "yes" if r["rss"] < 60 and r["cpu"] < 2 else "NO"  # noqa: E731
+
+    def ok(r):
+        return "yes" if r["rss"] < 60 and r["cpu"] < 2 else "NO"
+
     text = """## Agent
 
 `python bench/agent.py --seconds {s} --interval {i}` ({date}, {cpus} CPUs, Python {py}, PostgreSQL 18 lab).
@@ -132,11 +136,11 @@ bare Python interpreter that imported the same libraries and sleeps. Goal: < 60 
 | case | peers checked / cycle | RSS MB | vs baseline | CPU % of one core | last cycle ms | goal met |
 |---|---|---|---|---|---|---|
 | baseline (python + psycopg2 + yaml, idle) | - | {b[rss]:.1f} | 1.00x | {b[cpu]:.2f} | - | - |
-| agent idle (no peers) | 0 | {a[rss]:.1f} | {ra:.2f}x | {a[cpu]:.2f} | {a[cycle_ms]:.0f} | {oka} |
-| agent, 10 peers (PostgreSQL + HTTP check each) | {t[peers]} | {t[rss]:.1f} | {rt:.2f}x | {t[cpu]:.2f} | {t[cycle_ms]:.0f} | {okt} |
+| agent idle (no peers) | 0 | {a[rss]:.1f} | {ra:.2f}x | {a[cpu]:.2f} | {acms:.0f} | {oka} |
+| agent, 10 peers (PostgreSQL + HTTP check each) | {tpeers} | {t[rss]:.1f} | {rt:.2f}x | {t[cpu]:.2f} | {tcms:.0f} | {okt} |
 """.format(s=args.seconds, i=args.interval, date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(),
            py=platform.python_version(), b=base, a=idle, t=ten, ra=idle["rss"] / base["rss"], rt=ten["rss"] / base["rss"],
-           oka=ok(idle), okt=ok(ten))
+           oka=ok(idle), okt=ok(ten), acms=idle["cycle_ms"], tcms=ten["cycle_ms"], tpeers=ten["peers"])
     print(text)
     if not args.no_write:
         write_section(text)

@@ -12,8 +12,8 @@ trap 'rm -rf "$WORK"' EXIT
 DEST="$WORK/ansible_collections/steep/repl"
 mkdir -p "$DEST"
 tar -C "$ROOT" \
-    --exclude=./.venv --exclude=./.lab --exclude=./.collections --exclude=./.git \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=./tests/output --exclude='*.pyc' \
+    --exclude=./.venv --exclude=./.ansible --exclude=./.lab --exclude=./.collections --exclude=./.git \
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=./tests/output --exclude=./bench/results --exclude='*.pyc' \
     -cf - . | tar -C "$DEST" -xf -
 cd "$DEST"
 export PATH="$BIN:$PATH"
@@ -28,12 +28,14 @@ if { [ ! -s "$CACHE" ] || grep -q "written by steep.repl" "$CACHE"; } && ! "$BIN
     mkdir -p "$(dirname "$CACHE")"
     cat >"$CACHE" <<'PY'
 # Offline stand-in for get-pip.py written by steep.repl scripts/sanity.sh: ensurepip, then pip install "$@".
-import ensurepip
+# ensurepip runs in a child process: in-process it disables the pip configuration (index, certificates).
 import subprocess
 import sys
 
-ensurepip.bootstrap(upgrade=True)
+subprocess.check_call([sys.executable, "-m", "ensurepip", "--upgrade"], stdout=subprocess.DEVNULL)
 args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
+if "--no-setuptools" in sys.argv:
+    subprocess.call([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "setuptools"])
 sys.exit(subprocess.call([sys.executable, "-m", "pip", "install"] + args))
 PY
 fi

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def _shared_path():
     try:
-        import ansible_collections.steep.repl.plugins.module_utils.db  # noqa: F401
+        import ansible_collections.steep.repl.plugins.module_utils.db  # noqa: F401  pylint: disable=unused-import
         return
     except ImportError:
         pass

@@ -116,6 +116,11 @@ class Agent:
         self.term = 0
         self.coordinator = None
         self.is_coordinator = False
+        # A coordinator decision is a lease: it expires unless renewed by the next cycle (a hung loop stops claiming).
+        self.lease = cfg["lease"]
+        self.grace = cfg["takeover_grace"]
+        self.claim_until = 0.0
+        self.peer_claim_seen = {}  # peer -> monotonic time its agent last reported role coordinator
         self.written_state = None
         self.cycles = 0
         self.started = time.time()
@@ -131,7 +136,7 @@ class Agent:
         """(ok, error, data) for the local PostgreSQL; reconnects as needed."""
         try:
             if self.local_conn is None or self.local_conn.closed:
-                self.local_conn = db.connect(conn_kwargs(self.cfg, self.me))
+                self.local_conn = db.connect(conn_kwargs(self.cfg, self.me, statement_timeout=True))
                 prev = collect.read_coordinator(self.local_conn) if db.extension_version(self.local_conn) else None
                 if prev and isinstance(prev, dict):
                     self.term = max(self.term, int(prev.get("term") or 0))
@@ -160,7 +165,7 @@ class Agent:
         try:
             conn = self.peer_conns.get(name)
             if conn is None or conn.closed:
-                conn = db.connect(conn_kwargs(self.cfg, peer))
+                conn = db.connect(conn_kwargs(self.cfg, peer, statement_timeout=True))
                 self.peer_conns[name] = conn
             row = collect.peer_probe(conn)
             res.update(pg_ok=True, lsn=row["lsn"], extension=row["extension"])
@@ -176,7 +181,7 @@ class Agent:
             try:
                 st = fetch_agent(self.cfg, peer, "/status", self.timeout)
                 res["agent_ok"] = True
-                res["agent"] = dict((k, st.get(k)) for k in ("vote", "role", "coordinator", "term", "status"))
+                res["agent"] = dict((k, st.get(k)) for k in ("vote", "role", "coordinator", "term", "status", "age_seconds"))
                 res["agent"]["postgresql"] = (st.get("checks") or {}).get("postgresql")
             except Exception as exc:
                 res.update(agent_ok=False, agent_error=short_error(exc))
@@ -223,8 +228,14 @@ class Agent:
             ag = r.get("agent") or {}
             if p.get("agent_port"):
                 ag_h = self.agent_health[p["name"]].record(bool(r.get("agent_ok")))
-                if r.get("agent_ok"):
+                fresh = r.get("agent_ok") and (ag.get("age_seconds") is None or ag["age_seconds"] <= self.lease)
+                if fresh:
                     peer_votes[p["name"]] = ag.get("vote")
+                if r.get("agent_ok"):
+                    if ag.get("role") == "coordinator":
+                        self.peer_claim_seen[p["name"]] = time.monotonic()
+                    else:
+                        self.peer_claim_seen.pop(p["name"], None)  # it says it is not (or no longer) coordinator
             else:
                 ag_h = None
             own_pg = ag.get("postgresql") if r.get("agent_ok") else None
@@ -244,6 +255,15 @@ class Agent:
         if coordinator is None:
             claims = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
             coordinator = claims[0] if len(claims) == 1 else None
+        if dec["is_coordinator"] and not self.is_coordinator:
+            # Take over only when no other node may still hold a coordinator lease: a peer that claimed the role and
+            # was then lost from sight is waited for (takeover grace = its lease + one of our check rounds).
+            waiting = sorted(n for n, t in self.peer_claim_seen.items() if time.monotonic() - t < self.grace)
+            if waiting:
+                dec = dict(dec, is_coordinator=False, coordinator=None)
+                events.append("deferring takeover: %s claimed the coordinator role %.1fs ago (grace %.1fs)"
+                              % (waiting[0], time.monotonic() - self.peer_claim_seen[waiting[0]], self.grace))
+                coordinator = None
         if dec["is_coordinator"] != self.is_coordinator:
             events.append("became coordinator" if dec["is_coordinator"] else "stepped down as coordinator")
         if coordinator != self.coordinator:
@@ -251,6 +271,7 @@ class Agent:
             events.append("coordinator %s -> %s (term %d)" % (self.coordinator, coordinator, self.term))
         self.is_coordinator = dec["is_coordinator"]
         self.coordinator = coordinator
+        self.claim_until = time.monotonic() + self.lease if self.is_coordinator else 0.0
 
         # Pre-allocation of identity ranges (ranges module_utils, when present).
         if ok and data.get("extension") and self.cfg["ranges"]["preallocate"] and not self.readonly:
@@ -290,11 +311,13 @@ class Agent:
             node=self.me["name"], ts=now, version=__version__, status=status, mode=self.cfg["mode"], hub=self.cfg["hub"],
             role=self.health["role"], coordinator=coordinator, term=self.term, vote=dec["vote"], voters=dec["voters"],
             quorum=dec["quorum"], total_nodes=total, eligible=sorted(eligible), peers=peer_view, checks=checks,
-            alerts=self.health["alerts"], postgresql=dict(ok=ok, error=err, version=data.get("server_version"),
-                                                           extension=data.get("extension"), lsn=data.get("current_lsn")),
+            alerts=self.health["alerts"],
+            postgresql=dict(ok=ok, error=err, version=data.get("server_version"), extension=data.get("extension"),
+                            lsn=data.get("current_lsn")),
             subscriptions=subs, conflicts=data.get("conflicts"), ddl_queue=data.get("ddl_queue"),
             ranges=data.get("ranges") or [], nodes=data.get("nodes") or [], cycles=self.cycles,
-            cycle_duration_seconds=round(duration, 4), interval_seconds=self.interval,
+            cycle_duration_seconds=round(duration, 4), interval_seconds=self.interval, lease_seconds=self.lease,
+            election_timeout_seconds=self.cfg["election_timeout"],
             uptime_seconds=round(time.time() - self.started, 1))
         self.last_cycle_end = time.time()
         level = {"healthy": "info", "degraded": "warn", "unhealthy": "error"}[status]
@@ -371,8 +394,9 @@ class Agent:
         ranges = data.get("ranges") or []
         checks["range_utilization"] = {
             "status": lvl("steep_repl_range_utilization_pct"),
-            "tables_above_%dpct" % int(warn_at): sorted("%s.%s" % (r["table_schema"], r["table_name"]) if r["table_schema"] != "public"
-                                                         else r["table_name"] for r in ranges if r["utilization_pct"] >= warn_at),
+            "tables_above_%dpct" % int(warn_at): sorted(
+                ("%s.%s" % (r["table_schema"], r["table_name"])) if r["table_schema"] != "public" else r["table_name"]
+                for r in ranges if r["utilization_pct"] >= warn_at),
             "max_pct": max([r["utilization_pct"] for r in ranges] or [0.0]),
         }
         slots = [s for s in subs if s["direction"] == "outgoing"]
@@ -388,6 +412,28 @@ class Agent:
         checks["coordinator"] = dict(status="ok" if self.coordinator else "warning", node=self.coordinator,
                                      this_node=self.is_coordinator, vote=dec["vote"], voters=dec["voters"], quorum=dec["quorum"])
         return checks
+
+    # ----------------------------------------------------------------- published views
+    def claims(self):
+        """True while this node's coordinator lease is valid (renewed every cycle)."""
+        return self.is_coordinator and time.monotonic() < self.claim_until
+
+    def _expire(self, d):
+        d = dict(d)
+        if d.get("role") == "coordinator" and not self.claims():
+            d["role"] = "follower"
+            d["lease_expired"] = True
+        return d
+
+    def view(self):
+        """The snapshot as served: age of the data, role only while the lease holds."""
+        d = self._expire(self.snapshot)
+        if self.last_cycle_end is not None:
+            d["age_seconds"] = round(time.time() - self.last_cycle_end, 3)
+        return d
+
+    def health_view(self):
+        return self._expire(self.health)
 
     # ----------------------------------------------------------------- service
     def alive(self):

@@ -7,6 +7,7 @@ from ansible_collections.steep.repl.plugins.module_utils import db
 
 from . import collect
 
+
 class CommandError(Exception):
     pass
 
@@ -141,7 +142,7 @@ def range_allocate(conn, args):
     table = args.get("table")
     if not table:
         raise CommandError("give the table as schema.table (e.g. public.orders)")
-    schema, _, name = db.split_qualified(table)
+    schema, dummy, name = db.split_qualified(table)
     size = int(args.get("size") or 10000)
     _require_function(conn, "allocate_range", "the identity ranges feature, playbooks/steep_ranges.yml")
     try:

@@ -269,9 +269,13 @@ def validate(raw, environ=None):
     cfg = dict(mode=mode, hub=hub, this_node=this, peers=peers, health=health, credentials=creds, tls=tls,
                agent=agent, rules=_rules(rep.get("alerts"), "replication.alerts"), ranges=ranges,
                election_timeout=None)
+    # A coordinator's decision holds for one worst-case cycle (interval + check timeout + 1 s margin); a node that
+    # lost sight of a claiming coordinator waits that lease plus one of its own check rounds before taking over.
+    cfg["lease"] = health["interval"] + health["timeout"] + 1.0
+    cfg["takeover_grace"] = 2 * cfg["lease"]
     et = topo.get("election_timeout")
     cfg["election_timeout"] = parse_duration(et, "replication.topology.election_timeout") if et is not None else \
-        health["interval"] * health["unhealthy_threshold"] + health["timeout"]
+        max(health["interval"] * health["unhealthy_threshold"] + health["timeout"], cfg["takeover_grace"]) + health["interval"]
     for node in [this] + peers:
         resolve_user(cfg, node, environ)  # fail at start when a user_env is missing
     return cfg
@@ -309,7 +313,7 @@ def resolve_password(cfg, node, environ=None):
     c = cfg["credentials"].get(node["name"], {})
     if c.get("password_command"):
         try:
-            out = subprocess.run(shlex.split(c["password_command"]), capture_output=True, text=True, timeout=30)
+            out = subprocess.run(shlex.split(c["password_command"]), capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigError("replication.credentials.%s.password_command failed to run: %s"
                               % (node["name"], exc.__class__.__name__ + (": " + exc.strerror if getattr(exc, "strerror", None) else "")))
@@ -324,7 +328,7 @@ def resolve_password(cfg, node, environ=None):
     return environ.get(var)
 
 
-def conn_kwargs(cfg, node, environ=None, timeout=None):
+def conn_kwargs(cfg, node, environ=None, timeout=None, statement_timeout=False):
     """psycopg2 keyword arguments for a node (contains the password: never log it)."""
     timeout = timeout or cfg["health"]["timeout"]
     kw = dict(host=node["host"], port=node["port"], user=resolve_user(cfg, node, environ),
@@ -333,6 +337,8 @@ def conn_kwargs(cfg, node, environ=None, timeout=None):
               sslmode=node.get("sslmode") or "prefer",
               keepalives=1, keepalives_idle=max(1, int(timeout)), keepalives_interval=1, keepalives_count=3,
               tcp_user_timeout=int(timeout * 1000))
+    if statement_timeout:  # the agent's own checks never wait longer than the health check timeout
+        kw["options"] = "-c statement_timeout=%d" % int(timeout * 1000)
     pw = resolve_password(cfg, node, environ)
     if pw:
         kw["password"] = pw

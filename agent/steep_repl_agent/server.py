@@ -50,7 +50,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             if path in ("/health", "/"):
-                h = agent.health
+                h = agent.health_view()
                 self._json(503 if h.get("status") == "unhealthy" else 200, h)
             elif path == "/liveness":
                 alive = agent.alive()
@@ -59,12 +59,13 @@ class _Handler(BaseHTTPRequestHandler):
                 ready = agent.ready()
                 self._json(200 if ready else 503, dict(ready=ready, postgresql=agent.snapshot.get("postgresql")))
             elif path == "/status":
-                self._json(200, agent.snapshot)
+                self._json(200, agent.view())
             elif path == "/coordinator":
-                self._json(200 if agent.is_coordinator else 503,
-                           dict(node=agent.me["name"], coordinator=agent.coordinator, is_coordinator=agent.is_coordinator))
+                claims = agent.claims()
+                self._json(200 if claims else 503,
+                           dict(node=agent.me["name"], coordinator=agent.coordinator, is_coordinator=claims))
             elif path == "/metrics":
-                self._send(200, metrics.render(agent.snapshot), "text/plain; version=0.0.4; charset=utf-8")
+                self._send(200, metrics.render(agent.view()), "text/plain; version=0.0.4; charset=utf-8")
             else:
                 self._json(404, dict(error="unknown path %s" % path,
                                      paths=["/health", "/liveness", "/readiness", "/status", "/coordinator", "/metrics"]))
@@ -196,9 +197,9 @@ class IpcServer:
         if cmd == "ping":
             return dict(ok=True, data=dict(node=agent.me["name"], pid=os.getpid()))
         if cmd == "status":
-            return dict(ok=True, data=agent.snapshot)
+            return dict(ok=True, data=agent.view())
         if cmd == "health":
-            return dict(ok=True, data=agent.health)
+            return dict(ok=True, data=agent.health_view())
         if cmd not in commands.DB_COMMANDS:
             return dict(ok=False, error="unknown command %r" % cmd)
         try:

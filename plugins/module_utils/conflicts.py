@@ -151,9 +151,13 @@ def plan_configuration(current, default_strategy, tables, purge=True):
 
 
 # --------------------------------------------------------------------------- database
+def engine_installed(conn):
+    return bool(fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.set_conflict_strategy(text,text,text[])') "
+                                  "IS NOT NULL"))
+
+
 def require_engine(conn):
-    if not fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.set_conflict_strategy(text,text,text[])') "
-                             "IS NOT NULL"):
+    if not engine_installed(conn):
         raise SteepError("the conflict engine of steep_repl is not installed in this database (steep_repl 1.1 or newer "
                          "needed). Fix: run the foundation play (playbooks/steep_foundation.yml) first.")
 

@@ -73,8 +73,8 @@ def check_majors(pg_config_major, server_major, pg_config="pg_config", where="th
     if pg_config_major != server_major:
         raise SteepError("%s belongs to PostgreSQL %s but %s runs PostgreSQL %s: the extension files would go "
                          "to the wrong install. Fix: set steep_pg_config to the bin/pg_config of the PostgreSQL %s "
-                         "install that runs %s." % (pg_config, pg_config_major, where, server_major,
-                                                     server_major, where))
+                         "install that runs %s."
+                         % (pg_config, pg_config_major, where, server_major, server_major, where))
     return server_major
 
 

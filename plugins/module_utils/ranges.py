@@ -191,8 +191,14 @@ def _check_size(what, size):
         raise SteepError("%s %r is invalid: a range size is a positive number of ids. Fix: use e.g. 10000." % (what, size))
 
 
+def split_name(name):
+    """(schema, table) of ``schema.table`` (a bare name means public)."""
+    parts = db.split_qualified(name)
+    return parts[0], parts[2]
+
+
 def normalize(name):
-    schema, _, table = db.split_qualified(str(name))
+    schema, table = split_name(str(name))
     return "%s.%s" % (schema, table)
 
 
@@ -223,7 +229,7 @@ def table_exists(conn, schema, table):
 
 def classify(conn, name, ranged_names):
     """{'kind': 'ranged'|'inherits'|'skipped'|'missing'|'no_sequence', ...} for ``schema.table``."""
-    schema, _, table = db.split_qualified(name)
+    schema, table = split_name(name)
     if not table_exists(conn, schema, table):
         return dict(kind="missing", reason="table does not exist")
     cols = db.fetch_all(conn, KEY_SQL, (schema, table))
@@ -248,7 +254,7 @@ def classify(conn, name, ranged_names):
 
 
 def _is_configured(conn, name):
-    schema, _, table = db.split_qualified(name)
+    schema, table = split_name(name)
     return bool(db.fetch_value(conn, "SELECT count(*) FROM steep_repl.range_tables WHERE table_schema = %s "
                                      "AND table_name = %s", (schema, table)))
 
@@ -329,7 +335,7 @@ def usage(ranges, position):
 
 def plan_table(conn, name, info, settings, node_id, slot, slot_count, expand_threshold=None):
     """What has to change for one ranged table (no change made). Raises SteepError on bad input."""
-    schema, _, table = db.split_qualified(name)
+    schema, table = split_name(name)
     size = settings["range_size"]
     threshold = settings["threshold_percent"]
     check_size_fits(name, size, slot_count, info["column_type"])

@@ -21,7 +21,7 @@ description:
   - Read-only; C(changed) is always false. Supports check mode (it measures in check mode too).
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.mesh_nodes
 options:

@@ -19,7 +19,7 @@ description:
     (C(keep_local), C(apply_remote), C(manual)).
   - O(state=resolved) resolves one PENDING conflict (O(conflict_id) with O(resolution) C(local), C(remote) or
     C(merge) with O(merged)) or, without O(conflict_id), every PENDING conflict matching O(xid), O(table),
-    O(time_start) and O(time_end). A resolution is a forced local write: it replicates to every node, which then
+    O(time_start) and O(time_end). A resolution is a forced local write. It replicates to every node, which then
     hold the same row and mark their own PENDING conflicts of that key resolved.
   - O(state=reverted) undoes the resolution of O(conflict_id) (the other side's row is written back, forced); the
     original entry becomes C(REVERTED) and a new entry records the revert.
@@ -43,8 +43,8 @@ options:
   strategies:
     description:
       - Per-table strategies (C(steep_conflict_strategies)), keyed by C(schema.table).
-      - A value is a strategy name or a mapping C({strategy: node_priority, priority: [node_a, node_b]}) (strongest
-        first; every node must be registered in C(steep_repl.nodes)).
+      - "A value is a strategy name or a mapping C({strategy: node_priority, priority: [node_a, node_b]}) (strongest
+        first; every node must be registered in C(steep_repl.nodes))."
     type: dict
   purge:
     description: With O(state=configured), remove the strategy of tables not listed in O(strategies).
@@ -189,7 +189,7 @@ def run(module, conn):
     p = module.params
     sql = db.SqlState(conn, module.check_mode)
     if p["state"] == "configured":
-        if module.check_mode and not db.extension_version(conn):
+        if module.check_mode and not conflicts.engine_installed(conn):
             # First --check run: the foundation play would have installed the extension before this task.
             return {"changed": True, "before": {}, "after": {}, "queries": [], "warnings": [], "diff": {},
                     "msg": "steep_repl is not installed yet; the strategies would be configured after it is"}

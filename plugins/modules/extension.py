@@ -24,7 +24,7 @@ description:
     nothing and reports what would change; RV(diff) shows the version and the files.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.connection
 options:

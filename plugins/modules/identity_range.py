@@ -28,7 +28,7 @@ description:
   - With O(state=query) only reports the recorded slots and the utilisation; it never changes anything.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.connection
 options:
@@ -170,7 +170,7 @@ def _diff_view(plan):
     def fmt(rs):
         return ["%s-%s (%s)" % (r["range_start"], r["range_end"], r["status"]) for r in rs]
     st = plan["before"]
-    kinds = [k for k, _ in plan["steps"]]
+    kinds = [step[0] for step in plan["steps"]]
     return (dict(ranges=fmt(plan["ranges_before"]), sequence_position=plan["position_before"],
                  constraint=st["constraint"], trigger=st["trigger"]),
             dict(ranges=fmt(plan["ranges_after"]), sequence_position=plan["position_after"],
@@ -299,13 +299,13 @@ def run(module, conn):
         if module.check_mode:
             u = rg.usage(pl["ranges_after"], pl["position_after"])
         else:
-            schema, _, table = db.split_qualified(name)
+            schema, table = rg.split_name(name)
             rows = db.fetch_all(conn, "SELECT range_start, range_end, status FROM steep_repl.identity_ranges WHERE "
                                       "table_schema = %s AND table_name = %s AND node_id = %s ORDER BY range_start",
                                 (schema, table, node_id))
             u = rg.usage(rows, rg.sequence_position(conn, info["sequence"]))
         u.update(status="ranged", column=info["column"], sequence=info["sequence"], range_size=wanted[name]["range_size"],
-                 allocated=[[a["range_start"], a["range_end"]] for a in pl["allocated"]], changes=[k for k, _ in pl["steps"]])
+                 allocated=[[a["range_start"], a["range_end"]] for a in pl["allocated"]], changes=[step[0] for step in pl["steps"]])
         result["tables"][name] = u
         diff_before[name], diff_after[name] = _diff_view(pl)
     result.update(changed=changed, slot=my_slot, slots=dict(recorded, **slots), queries=state.queries)

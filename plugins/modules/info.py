@@ -16,11 +16,11 @@ description:
     publications, subscriptions (with C(pg_stat_subscription) and C(pg_stat_subscription_stats), e.g.
     C(apply_error_count)), replication slots and, when the extension provides them, identity ranges, conflict counts
     and the DDL queue depth.
-  - Subscription connection strings are never returned (they may hold a password); RV(subscriptions[].peer) has the
+  - Subscription connection strings are never returned (they may hold a password); C(peer) has the
     host, port, database and user only.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.connection
 options: {}

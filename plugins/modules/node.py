@@ -24,7 +24,7 @@ description:
     removing a node still referenced by identity ranges.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.connection
 options:

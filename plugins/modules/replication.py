@@ -30,7 +30,7 @@ description:
   - Takes a session advisory lock on every node (in node id order) so two runs never interleave.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.mesh_nodes
 options:

@@ -74,7 +74,7 @@ def make_configs(tmp, lab, interval="0.5s", timeout="2s", threshold=2, mode="mes
 
 def cli(config, *args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "steep_repl_agent", "--config", str(config)] + list(args),
-                          capture_output=True, text=True, env=agent_env(env), timeout=timeout)
+                          capture_output=True, text=True, env=agent_env(env), timeout=timeout, check=False)
 
 
 class AgentProc:
@@ -87,10 +87,11 @@ class AgentProc:
         self.ctx = ctx
         self.proc = None
 
-    def start(self):
+    def start(self, netns=None):
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "steep_repl_agent", "--config", str(self.config), "agent", "run"],
-                                     stdout=self.log, stderr=self.log, env=agent_env(self.env))
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen(prefix + [sys.executable, "-m", "steep_repl_agent", "--config", str(self.config), "agent",
+                                               "run"], stdout=self.log, stderr=self.log, env=agent_env(self.env))
         return self
 
     def get(self, path, timeout=5):

@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families

@@ -57,7 +57,7 @@ def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode, hub, first,
     try:
         assert wait_for(lambda: roles(agents) == {first: "coordinator", second: "follower", third: "follower"}, 30), \
             roles(agents)
-        assert all(a.get("/status")[1]["coordinator"] == first for a in agents.values())
+        assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == first for a in agents.values()), 10)
         with Watcher(agents) as w:
             # kill the coordinator's node (its PostgreSQL): a new coordinator within the election timeout
             t0 = time.time()
@@ -65,7 +65,9 @@ def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode, hub, first,
             took = wait_for(lambda: roles(agents).get(second) == "coordinator" and time.time() - t0, 30, step=0.1)
             assert took, roles(agents)
             assert took <= ELECTION_TIMEOUT + 2 * INTERVAL + 1.0, took
-            assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == second for a in agents.values()), 10)
+            assert wait_for(lambda: all(a.get("/status")[1]["coordinator"] == second for a in agents.values()), 10), \
+                {n: {k: (a.get("/status")[1] or {}).get(k) for k in ("role", "coordinator", "vote", "voters", "peers")}
+                 for n, a in agents.items()}
             # the dead node's agent keeps running and votes for the new coordinator
             assert agents[first].get("/status")[1]["vote"] == second
             assert lab.node(second).sql("SELECT value->>'node', (value->>'quorum')::int FROM steep_repl.coordinator_state") \
@@ -77,12 +79,16 @@ def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode, hub, first,
                 agents[n].proc.send_signal(signal.SIGKILL)
                 agents[n].proc.wait()
             assert wait_for(lambda: roles({second: agents[second]})[second] == "follower", 15)
-            h = wait_for(lambda: (lambda b: b if b["checks"]["peer_connectivity"] == "critical" else None)(
-                agents[second].get("/health")[1]), 10)
+
+            def quorum_lost():
+                body = agents[second].get("/health")[1]
+                return body if body and body["checks"]["peer_connectivity"] == "critical" else None
+
+            h = wait_for(quorum_lost, 10)
             assert h and h["checks"]["coordinator"]["status"] == "warning" and h["status"] == "unhealthy"
             assert agents[second].get("/coordinator")[0] == 503
         # never more than one coordinator at any sample
-        assert w.samples and max(len(c) for _, c in w.samples) <= 1, [c for _, c in w.samples if len(c) > 1][:3]
+        assert w.samples and max(len(s[1]) for s in w.samples) <= 1, [s[1] for s in w.samples if len(s[1]) > 1][:3]
         assert agents[second].proc.poll() is None
     finally:
         for a in agents.values():

@@ -1,9 +1,10 @@
 """The steep.repl.agent role in a real ansible-playbook: supervised processes on a 2-node lab (two agents on one
 machine, different ports), idempotence, steep_agent_enabled: false, and a systemd unit systemd-analyze accepts."""
+import json
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
-import json
 
 import pytest
 
@@ -62,13 +63,13 @@ def test_role_process_systemd_idempotent_and_disabled(lab_factory, tmp_path, pla
         # the installed CLI talks to the running agent over its socket
         cli = prefix / "venv" / "bin" / "steep-repl"
         r = subprocess.run([str(cli), "--config", str(prefix / "etc" / "steep-repl-node1.yml"), "health", "--json"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0 and json.loads(r.stdout)["role"] == "coordinator" and "not running" not in r.stderr
     finally:
         for n in lab.nodes:
             ctl = prefix / ("steep-repl-%s-ctl" % n.name)
             if ctl.exists():
-                subprocess.run([str(ctl), "stop"], capture_output=True, timeout=60)
+                subprocess.run([str(ctl), "stop"], capture_output=True, timeout=60, check=False)
     for n in lab.nodes:
         assert get(ports[n.name], "/liveness") == (None, None)
 
@@ -93,6 +94,6 @@ def test_role_process_systemd_idempotent_and_disabled(lab_factory, tmp_path, pla
     text = unit.read_text()
     assert "Type=notify" in text and "Restart=on-failure" in text and "steep-lab-secret" not in text
     assert "EnvironmentFile=%s" % (prefix / "etc" / "steep-repl-node1.env") in text
-    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "steep-repl-node1" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr

@@ -116,5 +116,3 @@ def test_drop_extension(lab_factory, playbook, tmp_path):
     assert playbook(play(tmp_path, n, state="absent"), inv).changed() == 1
     assert version(n) is None
     assert playbook(play(tmp_path, n, state="absent"), inv).changed() == 0
-
-

@@ -29,7 +29,8 @@ def registry(node):
 
 
 def audit(node):
-    return node.sql("SELECT action, target_id FROM steep_repl.audit_log WHERE target_type = 'node' AND action LIKE 'node\_%' ORDER BY id")
+    return node.sql("SELECT action, target_id FROM steep_repl.audit_log WHERE target_type = 'node' "
+                    "AND action IN ('node_added', 'node_updated', 'node_removed') ORDER BY id")
 
 
 def write_play(tmp_path, tasks, name="play.yml", hosts="steep_nodes"):
@@ -80,7 +81,9 @@ def test_site_twice_changed_zero(lab_factory, playbook, tmp_path, major):
     assert second.rc == 0, second.failure_messages()
     assert second.changed() == 0, [(h, r.get("msg")) for h, r in second.task_results("") if r.get("changed")]
     again = playbook("steep_foundation.yml", inv, check=True, diff=True)
-    assert again.rc == 0 and again.changed() == 0
+    assert again.rc == 0, again.failure_messages()
+    assert again.changed() == 0, [(h, r.get("files"), r.get("queries")) for h, r in again.task_results("")
+                                  if r.get("changed")]
     for n in lab.nodes:
         assert len(audit(n)) == 2  # no audit rows for no-op runs
 
@@ -119,8 +122,8 @@ def test_node_update_remove_and_check_mode(lab_factory, playbook, tmp_path):
     assert [r[0] for r in registry(n1)] == ["node1"]
 
     # a second local node in one database is refused
-    other = {"name": "other", "steep.repl.node": dict(conn_args(n1), node_id="node_y", node_host="10.0.0.2",
-                                                       is_local=True)}
+    other = {"name": "other",
+             "steep.repl.node": dict(conn_args(n1), node_id="node_y", node_host="10.0.0.2", is_local=True)}
     msg = one_message(playbook(write_play(tmp_path, [other]), inv))
     assert "already registered as node node1" in msg and "Fix:" in msg
     assert [r[0] for r in registry(n1)] == ["node1"]
@@ -176,7 +179,7 @@ def test_pg_config_of_other_major_is_refused(lab_factory, playbook, tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/pg_config"), reason="no system pg_config")
 def test_pg_config_of_unsupported_major_is_refused(lab_factory, playbook, tmp_path):
-    out = subprocess.run(["/usr/bin/pg_config", "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run(["/usr/bin/pg_config", "--version"], capture_output=True, text=True, check=True).stdout
     major = int(out.split()[1].split(".")[0])
     if major in (17, 18):
         pytest.skip("system pg_config is a supported major")
@@ -237,7 +240,25 @@ def test_ansible_doc_renders(name):
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".collections"),
                ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
     res = subprocess.run([str(BIN / "ansible-doc"), "steep.repl." + name], capture_output=True, text=True,
-                         env=env, timeout=120)
+                         env=env, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert "login_host" in res.stdout and "EXAMPLES" in res.stdout and "RETURN VALUES" in res.stdout
     assert "WARNING" not in res.stderr, res.stderr
+
+
+def test_windows_tasks_pass_syntax_check_and_lint(tmp_path):
+    """The Windows path cannot run here: it must at least pass --syntax-check and ansible-lint."""
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".collections"),
+               ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    play = tmp_path / "windows.yml"
+    play.write_text(yaml.safe_dump([{
+        "name": "windows", "hosts": "all", "gather_facts": False,
+        "vars": {"role_path": str(ROOT / "roles" / "extension")},
+        "tasks": [{"name": "windows tasks", "ansible.builtin.import_tasks": str(ROOT / "roles/extension/tasks/Windows.yml")}],
+    }]))
+    res = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", "winhost,", str(play)],
+                         capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([str(BIN / "ansible-lint"), "-q", "roles/extension", "playbooks/steep_foundation.yml"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr

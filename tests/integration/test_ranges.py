@@ -2,6 +2,7 @@
 CHECK constraint with replicated rows, expansion, bypass, composite keys. No mocks."""
 import itertools
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -43,6 +44,17 @@ def assert_disjoint(rows):
     rows = sorted(rows, key=lambda r: r[1])
     for a, b in zip(rows, rows[1:]):
         assert a[2] < b[1], "overlapping ranges %r and %r" % (a, b)
+
+
+def wait_until(lab, query, expected, timeout=90):
+    """Poll every node until ``query`` returns ``expected`` on all of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {n.name: n.sql(query) for n in lab.nodes}
+        if all(v == expected for v in got.values()):
+            return
+        assert time.monotonic() < deadline, "not converged to %r: %r" % (expected, got)
+        time.sleep(0.3)
 
 
 def host_result(res, name, host):
@@ -111,9 +123,9 @@ def _inserter(node, label, rows, per_txn, errors):
 @pytest.mark.parametrize("count,majors", [(2, (17,)), (3, (17, 18))])
 def test_concurrent_inserts_on_every_node_through_expansions_replicate_without_collision(lab_factory, count, majors):
     lab = lab_factory(count=count, majors=majors)
-    gv = {"steep_replicated_tables": ["public.orders"],
+    gv = {"steep_replicated_tables": ["public.orders", "public.order_lines"],
           "steep_identity_ranges": {"default_range_size": 25, "max_nodes": 8}}
-    build_mesh(lab, SCHEMA[0], group_vars=gv)
+    build_mesh(lab, SCHEMA[:2], group_vars=gv)
     errors, threads = [], []
     per_node = 150
     for node in lab.nodes:
@@ -125,8 +137,8 @@ def test_concurrent_inserts_on_every_node_through_expansions_replicate_without_c
         t.join()
     assert errors == []
     total = count * per_node
-    rows = wait_converged(lab, "SELECT count(*), count(DISTINCT id), sum(id) FROM public.orders", timeout=90)
-    assert rows[0][0] == rows[0][1] == total
+    wait_until(lab, "SELECT count(*), count(DISTINCT id) FROM public.orders", [(total, total)])
+    wait_converged(lab, "SELECT count(*), count(DISTINCT id), sum(id) FROM public.orders", timeout=90)
     assert_healthy(lab)  # apply_error_count == 0: the CHECK let every remote id through
     for node in lab.nodes:
         mine = node.sql("SELECT r.range_start, r.range_end FROM steep_repl.identity_ranges r WHERE r.node_id = %s",
@@ -137,6 +149,12 @@ def test_concurrent_inserts_on_every_node_through_expansions_replicate_without_c
                            " AND o.id BETWEEN r.range_start AND r.range_end)", (node.node_id, node.node_id))
         assert outside == [(0,)]
     assert_disjoint(all_ranges(lab))
+    # composite keys (order_id, line_no) inherit the parent's ranges: every node adds lines to its own orders
+    for node in lab.nodes:
+        node.sql("INSERT INTO public.order_lines SELECT id, g, 1 FROM public.orders, generate_series(1, 2) g "
+                 "WHERE note = %s", (node.node_id,))
+    wait_until(lab, "SELECT count(*) FROM public.order_lines", [(2 * total,)])
+    assert_healthy(lab)
     # a node updates a row that another node inserted (id outside its own ranges): allowed, and replicated
     a, b = lab.nodes[0], lab.nodes[1]
     peer_id = a.sql("SELECT min(id) FROM public.orders WHERE note = %s", (b.node_id,))[0][0]

@@ -28,7 +28,8 @@ def states(lab, nodes=None):
 
 def triggers(lab):
     return {n.name: n.sql("SELECT tgrelid::regclass::text, tgname FROM pg_trigger "
-                          "WHERE tgname LIKE 'steep%%' ORDER BY 1, 2") for n in lab.nodes}
+                          "WHERE tgname LIKE 'steep%%' AND tgrelid::regclass::text NOT LIKE 'steep\\_repl.%%' "
+                          "ORDER BY 1, 2") for n in lab.nodes}
 
 
 def write_everywhere_and_converge(lab, table="t", start=0, nodes=None):
@@ -53,8 +54,13 @@ def test_mesh_setup_replicates_every_direction_and_is_idempotent(lab_factory, co
         peers = [p for p in ids if p != n.name]
         assert st["subscriptions"] == {"steep_from_" + p: True for p in peers}
         assert st["slots"] == ["steep_to_" + p for p in peers]
-        assert "public.t" in st["publication"]
+        assert "public.t" in st["publication"] and "steep_repl.row_version" in st["publication"]
+    # the conflict triggers were installed on every node (steep_repl.enable_table)
+    assert all(rows == [("t", "steep_repl_apply"), ("t", "steep_repl_capture")] for rows in triggers(lab).values())
     write_everywhere_and_converge(lab)
+    # the versions travel with the data
+    versions = mesh.wait_converged(lab, "SELECT tbl, pk, ver_node FROM steep_repl.row_version ORDER BY 1, 2")
+    assert len(versions) == count
     # second run: nothing to do, the clock check passed with a small drift, no password anywhere
     res = run_playbook("site.yml", inv)
     assert res.rc == 0, res.failure_messages()
@@ -133,6 +139,19 @@ def test_adding_a_table_extends_publication_and_refreshes_subscriptions(lab_fact
         assert n.sql("SELECT count(*) FROM pg_subscription_rel WHERE srrelid = 'public.t2'::regclass")[0][0] == 1
     write_everywhere_and_converge(lab, "t2")
     write_everywhere_and_converge(lab, "t", start=10)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0 and res.changed() == 0
+    # public.t leaves the set: out of the publications, subscriptions refreshed, triggers off
+    inv = lab.write_inventory(inv, group_vars={"steep_replicated_tables": ["public.t2"]})
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    queries = task(res, MESH_TASK)["queries"]
+    assert sum("disable_table" in q for q in queries) == 2
+    for n in lab.nodes:
+        assert "public.t" not in mesh.mesh_state(n)["publication"]
+        assert n.sql("SELECT count(*) FROM pg_subscription_rel WHERE srrelid = 'public.t'::regclass")[0][0] == 0
+    assert all(rows == [("t2", "steep_repl_apply"), ("t2", "steep_repl_capture")] for rows in triggers(lab).values())
+    write_everywhere_and_converge(lab, "t2", start=20)
     res = run_playbook("site.yml", inv)
     assert res.rc == 0 and res.changed() == 0
 
@@ -237,11 +256,12 @@ def _teardown_mesh(lab):
 
 def test_three_node_setup_with_forks_and_concurrent_runs_never_deadlocks(lab_factory):
     lab = lab_factory(count=3, majors=(18,))
-    inv = mesh.build_mesh(lab, T, GV, run=False)
+    inv = mesh.build_mesh(lab, T, GV)  # site.yml once (extension, nodes, ...)
     for attempt in range(3):
         _teardown_mesh(lab)
+        # two set-ups of the whole mesh at the same moment, each with --forks 3
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(run_playbook, "site.yml", inv, extra_args=["--forks", "3"], timeout=240)
+            runs = [pool.submit(run_playbook, "steep_replication.yml", inv, extra_args=["--forks", "3"], timeout=240)
                     for _ in range(2)]
             results = [f.result() for f in runs]
         assert all(r.rc == 0 for r in results), [r.failure_messages() for r in results]

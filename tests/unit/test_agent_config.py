@@ -22,7 +22,8 @@ def test_defaults_and_seed_shape():
     assert cfg["health"] == {"interval": 5.0, "timeout": 10.0, "unhealthy_threshold": 3}
     assert cfg["agent"]["http_port"] == 5433
     assert cfg["this_node"]["agent_port"] == 5433
-    assert cfg["election_timeout"] == 25.0
+    assert cfg["lease"] == 16.0 and cfg["takeover_grace"] == 32.0
+    assert cfg["election_timeout"] == 37.0
     assert {r["metric"] for r in cfg["rules"]} == set(C.METRICS)
 
 

@@ -68,7 +68,7 @@ def test_two_nodes_survivor_self_promotes():
 def test_never_two_coordinators_among_majority_views():
     """Every combination of 3-node views (each node sees itself): at most one node holds a majority."""
     nodes = sorted(PRIO)
-    pairs = [(x, y) for x, y in itertools.combinations(nodes, 2)]
+    pairs = list(itertools.combinations(nodes, 2))
     for links in itertools.product([False, True], repeat=len(pairs) * 2):
         sees = {n: {n} for n in nodes}
         for i, (x, y) in enumerate(pairs):

@@ -1,0 +1,362 @@
+"""Conflict strategies, manual resolution, bulk resolution, revert and bad input on a real
+2-node mesh (PG 17 + PG 18) built by the real site.yml; conflicts are made deterministic by
+pausing the subscriptions while both nodes write."""
+import json
+import uuid
+
+import psycopg2
+import pytest
+
+import conflict_support as cs
+import mesh
+from conftest import LAB_BASE, run_playbook
+from steeplab import make_lab
+
+TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk"]
+SETUP = ["CREATE TABLE public.%s (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)" % t for t in TABLES] + [
+    "CREATE TABLE public.nopk (id int, v text)"]
+STRATEGIES = {
+    "public.fww": "first_write_wins",
+    "public.np": {"strategy": "node_priority", "priority": ["node2", "node1"]},
+    "public.kl": "keep_local",
+    "public.ar": "apply_remote",
+    "public.man": "manual",
+    "public.bulk": "manual",
+}
+GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES],
+              "steep_conflict_strategies": STRATEGIES}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = make_lab(LAB_BASE / ("cf" + uuid.uuid4().hex[:8]), 2, (17, 18))
+    try:
+        lab.inventory_path = mesh.build_mesh(lab, SETUP, GROUP_VARS)
+        for t in TABLES:
+            lab.nodes[0].sql("INSERT INTO public.%s VALUES (1, 'base', 0), (2, 'base', 0), (3, 'base', 0)" % t)
+        mesh.wait_converged(lab, "SELECT count(*) FROM public.bulk", timeout=30)
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def conflicting(lab, statements):
+    """Run {node_index: [sql, ...]} while replication is paused (node order = time order), then resume."""
+    cs.pause(lab)
+    try:
+        for idx in sorted(statements):
+            for q in statements[idx]:
+                lab.nodes[idx].sql(q)
+    finally:
+        cs.resume(lab)
+    cs.caught_up(lab)
+
+
+def value(node, table, key=1):
+    r = node.sql("SELECT v FROM public.%s WHERE id = %%s" % table, (key,))
+    return r[0][0] if r else None
+
+
+def healthy(lab):
+    assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
+    mesh.assert_healthy(lab)
+
+
+# --------------------------------------------------------------------------- strategies
+def test_last_write_wins_update_insert_delete(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.lww SET v = 'n1' WHERE id = 1",
+                          "INSERT INTO public.lww VALUES (10, 'n1', 0)",
+                          "UPDATE public.lww SET v = 'n1' WHERE id = 2"],
+                      1: ["UPDATE public.lww SET v = 'n2' WHERE id = 1",
+                          "INSERT INTO public.lww VALUES (10, 'n2', 0)",
+                          "DELETE FROM public.lww WHERE id = 2"]})
+    rows = mesh.wait_converged(lab, "SELECT id, v FROM public.lww ORDER BY id")
+    assert rows == [(1, "n2"), (3, "base"), (10, "n2")]   # later write wins, delete beats the update
+    for node, other in ((n1, "node2"), (n2, "node1")):
+        logged = {(c["pk"], c["type"]): c for c in cs.conflicts(node, "public.lww")}
+        assert set(logged) == {("[1]", "UPDATE_UPDATE"), ("[10]", "INSERT_INSERT"), ("[2]", "UPDATE_DELETE")}
+        c = logged[("[1]", "UPDATE_UPDATE")]
+        assert c["remote_origin"] == other and c["local_origin"] == node.name
+        assert {c["local_tuple"]["v"], c["remote_tuple"]["v"]} == {"n1", "n2"}
+        assert c["local_ts"] and c["remote_ts"] and c["origin_xid"]
+        assert c["resolution"] == ("APPLIED_REMOTE" if node is n1 else "KEPT_LOCAL")
+        assert c["strategy"] == "last_write_wins"
+    healthy(lab)
+
+
+def test_first_write_wins(lab):
+    conflicting(lab, {0: ["UPDATE public.fww SET v = 'n1' WHERE id = 1"],
+                      1: ["UPDATE public.fww SET v = 'n2' WHERE id = 1"]})
+    assert mesh.wait_converged(lab, "SELECT v FROM public.fww WHERE id = 1") == [("n1",)]
+    assert [c["resolution"] for c in cs.conflicts(lab.nodes[0], "public.fww")] == ["KEPT_LOCAL"]
+    assert [c["resolution"] for c in cs.conflicts(lab.nodes[1], "public.fww")] == ["APPLIED_REMOTE"]
+    healthy(lab)
+
+
+def test_node_priority_list(lab):
+    # node2 is first in the table's list: it wins although node1 wrote later (and has the higher nodes.priority)
+    conflicting(lab, {1: ["UPDATE public.np SET v = 'n2' WHERE id = 1"],
+                      0: ["UPDATE public.np SET v = 'n1' WHERE id = 1"]})
+    assert mesh.wait_converged(lab, "SELECT v FROM public.np WHERE id = 1") == [("n2",)]
+    assert [c["winner"] for c in cs.conflicts(lab.nodes[0], "public.np")] == ["remote"]
+    healthy(lab)
+
+
+def test_keep_local_and_apply_remote_diverge_as_documented(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.kl SET v = 'n1' WHERE id = 1", "UPDATE public.ar SET v = 'n1' WHERE id = 1"],
+                      1: ["UPDATE public.kl SET v = 'n2' WHERE id = 1", "UPDATE public.ar SET v = 'n2' WHERE id = 1"]})
+    assert (value(n1, "kl"), value(n2, "kl")) == ("n1", "n2")
+    assert (value(n1, "ar"), value(n2, "ar")) == ("n2", "n1")
+    assert [c["resolution"] for c in cs.conflicts(n1, "public.kl")] == ["KEPT_LOCAL"]
+    assert [c["resolution"] for c in cs.conflicts(n2, "public.ar")] == ["APPLIED_REMOTE"]
+    healthy(lab)
+
+
+def test_playbook_warned_and_is_idempotent(lab):
+    res = run_playbook("steep_conflicts.yml", lab.inventory_path)
+    assert res.rc == 0 and res.changed() == 0, res.stdout[-3000:]
+    warnings = [w for _, r in res.task_results("Configure the conflict strategies") for w in r.get("warnings", [])]
+    assert any("public.kl uses keep_local" in w for w in warnings), warnings
+    assert any("public.ar uses apply_remote" in w for w in warnings), warnings
+    assert any("public.man uses manual" in w for w in warnings), warnings
+    # --check --diff of a change tells the truth and changes nothing
+    gv = dict(GROUP_VARS, steep_conflict_default_strategy="first_write_wins")
+    inv = lab.write_inventory(lab.root / "inv-check.yml", group_vars=gv)
+    res = run_playbook("steep_conflicts.yml", inv, check=True, diff=True)
+    assert res.rc == 0 and res.changed() == 2, res.stdout[-3000:]
+    for _, r in res.task_results("Configure the conflict strategies"):
+        assert r["diff"]["after"]["default_strategy"] == "first_write_wins"
+    for n in lab.nodes:
+        assert n.sql("SELECT value FROM steep_repl.conflict_settings WHERE name = 'default_strategy'") == [
+            ("last_write_wins",)]
+        assert n.sql("SELECT strategy, priority FROM steep_repl.conflict_strategies "
+                     "WHERE table_name = 'np'") == [("node_priority", ["node2", "node1"])]
+
+
+# --------------------------------------------------------------------------- manual, bulk, revert
+def resolve_task(lab, host, args, check=False):
+    pb = lab.root / ("resolve-%s.yml" % uuid.uuid4().hex[:6])
+    task = {"steep.repl.conflict": dict({
+        "login_host": "{{ steep_pg_host }}", "login_port": "{{ steep_pg_port }}",
+        "login_password": "{{ steep_pg_password }}", "login_db": "{{ steep_pg_database }}"}, **args),
+        "name": "conflict task", "register": "out"}
+    pb.write_text(json.dumps([{"hosts": host, "gather_facts": False, "tasks": [task]}]))
+    return run_playbook(str(pb), lab.inventory_path, check=check)
+
+
+def test_manual_resolve_converges(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.man SET v = 'n1' WHERE id = 1"],
+                      1: ["UPDATE public.man SET v = 'n2', n = 7 WHERE id = 1"]})
+    # manual keeps each local row and leaves the conflict PENDING on both nodes
+    assert (value(n1, "man"), value(n2, "man")) == ("n1", "n2")
+    pend1 = [c for c in cs.conflicts(n1, "public.man") if c["resolution"] == "PENDING"]
+    pend2 = [c for c in cs.conflicts(n2, "public.man") if c["resolution"] == "PENDING"]
+    assert len(pend1) == 1 and len(pend2) == 1
+    assert pend1[0]["local_tuple"]["v"] == "n1" and pend1[0]["remote_tuple"] == {"id": 1, "v": "n2", "n": 7}
+    cid = pend1[0]["id"]
+    # check mode: nothing happens
+    res = resolve_task(lab, "node1", {"state": "resolved", "conflict_id": cid, "resolution": "remote"}, check=True)
+    assert res.rc == 0 and res.changed() == 1
+    assert cs.conflicts(n1, "public.man")[-1]["resolution"] == "PENDING"
+    # resolve on node1: take node2's row; it reaches node2 and both converge
+    res = resolve_task(lab, "node1", {"state": "resolved", "conflict_id": cid, "resolution": "remote"})
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    assert mesh.wait_converged(lab, "SELECT id, v, n FROM public.man ORDER BY id") == [
+        (1, "n2", 7), (2, "base", 0), (3, "base", 0)]
+    assert [c["resolution"] for c in cs.conflicts(n1, "public.man")] == ["APPLIED_REMOTE"]
+    settled = cs.wait_for(lambda: [c for c in cs.conflicts(n2, "public.man") if c["resolution"] != "PENDING"],
+                          what="node2 settles its pending conflict")
+    assert settled[0]["resolution"] == "APPLIED_REMOTE" and settled[0]["resolved_by"] == "steep_repl:resolution@node1"
+    assert n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'conflict.resolve' AND target_id = %s",
+                  (str(cid),)) == [(1,)]
+    # idempotent re-run
+    res = resolve_task(lab, "node1", {"state": "resolved", "conflict_id": cid, "resolution": "remote"})
+    assert res.rc == 0 and res.changed() == 0
+    healthy(lab)
+
+
+def test_manual_merge(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.man SET v = 'm1' WHERE id = 2"],
+                      1: ["UPDATE public.man SET v = 'm2', n = 3 WHERE id = 2"]})
+    cid = [c for c in cs.conflicts(n2, "public.man", "[2]") if c["resolution"] == "PENDING"][0]["id"]
+    assert n2.sql("SELECT steep_repl.resolve_conflict(%s, 'merge', %s::jsonb)",
+                  (cid, json.dumps({"v": "merged"}))) == [("MERGED",)]
+    assert mesh.wait_converged(lab, "SELECT id, v, n FROM public.man WHERE id = 2") == [(2, "merged", 3)]
+    cs.wait_for(lambda: not [c for c in cs.conflicts(n1, "public.man", "[2]") if c["resolution"] == "PENDING"],
+                what="node1 settles")
+    healthy(lab)
+
+
+def test_bulk_resolve_by_xid(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["BEGIN; UPDATE public.bulk SET v = 'a1' WHERE id = 1; UPDATE public.bulk SET v = 'a2' "
+                          "WHERE id = 2; UPDATE public.bulk SET v = 'a3' WHERE id = 3; COMMIT"],
+                      1: ["UPDATE public.bulk SET v = 'b' || id"]})
+    pend = [c for c in cs.conflicts(n2, "public.bulk") if c["resolution"] == "PENDING"]
+    assert len(pend) == 3 and len({c["origin_xid"] for c in pend}) == 1
+    xid = pend[0]["origin_xid"]
+    res = resolve_task(lab, "node2", {"state": "resolved", "xid": xid, "resolution": "local"})
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    assert [r["resolved"] for _, r in res.task_results("conflict task")] == [3]
+    assert mesh.wait_converged(lab, "SELECT id, v FROM public.bulk ORDER BY id") == [(1, "b1"), (2, "b2"), (3, "b3")]
+    cs.wait_for(lambda: not [c for c in cs.conflicts(n1, "public.bulk") if c["resolution"] == "PENDING"],
+                what="node1 settles")
+    # nothing left: a re-run changes nothing
+    res = resolve_task(lab, "node2", {"state": "resolved", "xid": xid, "resolution": "local"})
+    assert res.rc == 0 and res.changed() == 0
+    healthy(lab)
+
+
+def test_revert_resolution(lab):
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.lww SET v = 'r1' WHERE id = 3"],
+                      1: ["UPDATE public.lww SET v = 'r2' WHERE id = 3"]})
+    assert mesh.wait_converged(lab, "SELECT v FROM public.lww WHERE id = 3") == [("r2",)]
+    c = [c for c in cs.conflicts(n1, "public.lww", "[3]")][-1]
+    assert c["resolution"] == "APPLIED_REMOTE"
+    res = resolve_task(lab, "node1", {"state": "reverted", "conflict_id": c["id"], "reason": "wrong winner"})
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    new_id = [r["new_conflict_id"] for _, r in res.task_results("conflict task")][0]
+    assert mesh.wait_converged(lab, "SELECT v FROM public.lww WHERE id = 3") == [("r1",)]
+    rows = {r[0]: r[1:] for r in n1.sql("SELECT id, resolution, reverted_by, reverts, note FROM steep_repl.conflict_log "
+                                        "WHERE id IN (%s, %s)", (c["id"], new_id))}
+    assert rows[c["id"]][:2] == ("REVERTED", new_id)
+    assert rows[new_id][0] == "KEPT_LOCAL" and rows[new_id][2] == c["id"] and "wrong winner" in rows[new_id][3]
+    assert n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'conflict.revert'") == [(1,)]
+    res = resolve_task(lab, "node1", {"state": "reverted", "conflict_id": c["id"]})
+    assert res.rc == 0 and res.changed() == 0
+    healthy(lab)
+
+
+# --------------------------------------------------------------------------- bad input
+def sql_error(node, q, args=None):
+    with pytest.raises(psycopg2.Error) as err:
+        node.sql(q, args)
+    return err.value
+
+
+def state(node):
+    return (node.sql("SELECT table_schema, table_name, strategy, priority FROM steep_repl.conflict_strategies ORDER BY 1, 2"),
+            node.sql("SELECT value FROM steep_repl.conflict_settings"),
+            node.sql("SELECT id, resolution, resolved_at FROM steep_repl.conflict_log ORDER BY id"),
+            node.sql("SELECT count(*) FROM steep_repl.audit_log"),
+            node.sql("SELECT tbl FROM steep_repl.conflict_tables ORDER BY 1"))
+
+
+def test_bad_input_sql(lab):
+    n1 = lab.nodes[0]
+    before = state(n1)
+    e = sql_error(n1, "SELECT steep_repl.set_conflict_strategy('public.lww', 'newest_wins')")
+    assert "unknown conflict strategy 'newest_wins'" in e.diag.message_primary and "last_write_wins" in e.diag.message_hint
+    e = sql_error(n1, "SELECT steep_repl.set_conflict_strategy('public.np', 'node_priority', ARRAY['node1', 'node9'])")
+    assert "unknown node(s): node9" in e.diag.message_primary and "node1, node2" in e.diag.message_hint
+    e = sql_error(n1, "SELECT steep_repl.resolve_conflict(999999, 'local')")
+    assert "conflict 999999 does not exist" in e.diag.message_primary
+    pending = [c for c in cs.conflicts(n1) if c["resolution"] == "PENDING"]
+    target = pending[0]["id"] if pending else cs.conflicts(n1)[0]["id"]
+    e = sql_error(n1, "SELECT steep_repl.resolve_conflict(%s, 'merge')", (target,))
+    assert "merge needs the merged row" in e.diag.message_primary or "is not pending" in e.diag.message_primary
+    e = sql_error(n1, "SELECT steep_repl.resolve_conflict(%s, 'theirs')", (target,))
+    assert "unknown resolution 'theirs'" in e.diag.message_primary
+    e = sql_error(n1, "SELECT steep_repl.enable_table('public.nopk'::regclass)")
+    assert "has no primary key" in e.diag.message_primary and "ADD PRIMARY KEY" in e.diag.message_hint
+    e = sql_error(n1, "SELECT steep_repl.resolve_conflicts_bulk('merge', 1)")
+    assert "bulk resolution must be local or remote" in e.diag.message_primary
+    e = sql_error(n1, "SELECT steep_repl.revert_resolution(999999)")
+    assert "does not exist" in e.diag.message_primary
+    assert state(n1) == before                      # nothing changed
+    assert n1.sql("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.nopk'::regclass") == [(0,)]
+
+
+def test_bad_input_module(lab):
+    n1 = lab.nodes[0]
+    before = state(n1)
+    cases = [
+        ({"state": "configured", "strategies": {"public.lww": "newest_wins"}}, "unknown conflict strategy 'newest_wins'"),
+        ({"state": "configured", "strategies": {"public.np": {"strategy": "node_priority", "priority": ["nodeX"]}}},
+         "unknown node(s) nodeX"),
+        ({"state": "configured", "strategies": {"public.nosuch": "manual"}}, "do not exist here: public.nosuch"),
+        ({"state": "resolved", "conflict_id": 999999, "resolution": "local"}, "conflict 999999 does not exist"),
+        ({"state": "resolved", "conflict_id": 1, "resolution": "merge"}, "merge needs the merged row"),
+        ({"state": "resolved", "resolution": "local"}, "needs a filter"),
+        ({"state": "reverted", "conflict_id": 999999}, "conflict 999999 does not exist"),
+    ]
+    for args, expected in cases:
+        res = resolve_task(lab, "node1", args)
+        msgs = " ".join(res.failure_messages())
+        assert res.rc != 0 and expected in msgs, (args, msgs)
+    assert state(n1) == before
+
+
+# --------------------------------------------------------------------------- module code in process
+def run_module(node, args, check=False):
+    """Run plugins/modules/conflict.py main() in this process against the real server (coverage)."""
+    import contextlib
+    import io
+    from ansible.module_utils import basic
+    from ansible_collections.steep.repl.plugins.modules import conflict
+    full = dict(login_host=node.host, login_port=node.port, login_user=node.user, login_password=node.password,
+                login_db=node.database, _ansible_check_mode=check, _ansible_diff=True, **args)
+    basic._ANSIBLE_ARGS = json.dumps({"ANSIBLE_MODULE_ARGS": full}).encode()
+    basic._ANSIBLE_PROFILE = "legacy"
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            conflict.main()
+    except SystemExit:
+        pass
+    finally:
+        basic._ANSIBLE_ARGS = None
+    return json.loads(out.getvalue())
+
+
+def test_module_in_process(lab):
+    from ansible_collections.steep.repl.plugins.module_utils import conflicts as cu
+    from ansible_collections.steep.repl.plugins.module_utils import db
+    n1 = lab.nodes[0]
+    same = run_module(n1, {"default_strategy": "last_write_wins", "strategies": STRATEGIES})
+    assert same["changed"] is False and same["queries"] == [] and same["diff"]["before"] == same["diff"]["after"]
+    r = run_module(n1, {"default_strategy": "node_priority", "strategies": STRATEGIES}, check=True)
+    assert r["changed"] is True and "set_conflict_strategy(NULL, 'node_priority'" in r["queries"][0]
+    assert n1.sql("SELECT value FROM steep_repl.conflict_settings WHERE name = 'default_strategy'") == [("last_write_wins",)]
+    r = run_module(n1, {"strategies": {"lww": "last_write_wins"}, "purge": False})
+    assert r["changed"] is True and r["after"]["tables"]["public.lww"]["strategy"] == "last_write_wins"
+    r = run_module(n1, {"strategies": STRATEGIES})
+    assert r["changed"] is True and "public.lww" not in r["after"]["tables"]
+    assert any("clear_conflict_strategy" in q for q in r["queries"])
+    r = run_module(n1, {"state": "resolved", "conflict_id": 999999, "resolution": "remote"})
+    assert r["failed"] and "does not exist" in r["msg"]
+    r = run_module(n1, {"state": "resolved", "table": "public.man", "resolution": "merge"})
+    assert r["failed"] and "bulk resolution must be local or remote" in r["msg"]
+    r = run_module(n1, {"state": "resolved", "table": "public.man", "resolution": "local",
+                        "time_start": "2000-01-01T00:00:00Z", "time_end": "2000-01-02T00:00:00Z"})
+    assert r["changed"] is False and r["resolved"] == 0
+    done = [c for c in cs.conflicts(n1, "public.lww") if c["resolution"] == "KEPT_LOCAL"][0]
+    r = run_module(n1, {"state": "resolved", "conflict_id": done["id"], "resolution": "remote"})
+    assert r["failed"] and "already resolved" in r["msg"]
+    r = run_module(n1, {"state": "reverted", "conflict_id": done["id"]}, check=True)
+    assert r["changed"] is True and "revert_resolution" in r["queries"][0]
+    assert [c["resolution"] for c in cs.conflicts(n1, "public.lww") if c["id"] == done["id"]] == ["KEPT_LOCAL"]
+    conflicting(lab, {0: ["UPDATE public.man SET v = 'p1' WHERE id = 3"], 1: ["UPDATE public.man SET v = 'p2' WHERE id = 3"]})
+    pend = [c for c in cs.conflicts(n1, "public.man", "[3]") if c["resolution"] == "PENDING"][0]
+    r = run_module(n1, {"state": "reverted", "conflict_id": pend["id"]})
+    assert r["failed"] and "cannot be reverted: its resolution is PENDING" in r["msg"] and "Fix: resolve it" in r["msg"]
+    r = run_module(n1, {"state": "resolved", "conflict_id": pend["id"], "resolution": "merge", "merged": {"id": 99}})
+    assert r["failed"] and "changes the primary key" in r["msg"] and "nothing was changed" in r["msg"]
+    r = run_module(n1, {"state": "resolved", "conflict_id": pend["id"], "resolution": "local"})
+    assert r["changed"] is True and r["conflict"]["resolution"] == "KEPT_LOCAL"
+    assert mesh.wait_converged(lab, "SELECT v FROM public.man WHERE id = 3") == [("p1",)]
+    conn = db.connect(db.conn_params_from(dict(login_host=n1.host, login_port=n1.port, login_user=n1.user,
+                                               login_password=n1.password, login_db=n1.database)))
+    try:
+        listed = cu.list_conflicts(conn, resolution=None, table="public.lww", limit=5)
+        assert listed and all(c["table_name"] == "lww" for c in listed)
+        assert isinstance(listed[0]["detected_at"], str)
+        assert cu.current_configuration(conn)["tables"]["public.np"] == {"strategy": "node_priority",
+                                                                        "priority": ["node2", "node1"]}
+    finally:
+        conn.close()
