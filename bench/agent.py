@@ -10,6 +10,7 @@ import argparse
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main():
         ten = run_agent(Path(tmp) / "ten", lab, args.interval, args.seconds, True)
     finally:
         lab.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def ok(r):
         return "yes" if r["rss"] < 60 and r["cpu"] < 2 else "NO"

@@ -609,6 +609,12 @@ BEGIN
         IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
         RETURN NEW;
     END IF;
+    IF NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
+        -- a replica-role session that is no apply worker (node initialisation copying versions):
+        -- a plain write
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
     IF TG_OP = 'DELETE' THEN                    -- origins replace versions by DELETE + INSERT
         RETURN NULL;
     END IF;
@@ -619,6 +625,8 @@ BEGIN
         INSERT INTO steep_repl.row_version VALUES (r.*);
         RETURN NULL;
     END IF;
+    -- the user-row change that follows (same transaction) is decided here: it will be skipped
+    PERFORM pg_catalog.set_config('steep_repl.apply_ctx', r.tbl || '|' || r.pk, true);
     -- a local session that waits for us must lose a deadlock, never the apply worker
     IF pg_catalog.current_setting('deadlock_timeout') <> '5s' THEN
         PERFORM pg_catalog.set_config('deadlock_timeout', '5s', true);
@@ -857,18 +865,27 @@ BEGIN
     RETURN NEW;
 END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
 
-    -- apply: the user-row change itself is redundant (its version carries the full row and is
-    -- materialised by the row_version trigger): skip it; our own materialisation runs nested
+    -- apply: the user-row change that follows its version (same transaction, key in apply_ctx) is
+    -- redundant: the version carries the full row and was decided and materialised. Skip it.
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+DECLARE c TEXT;
 BEGIN
-    IF pg_catalog.pg_trigger_depth() > 1 THEN
-        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
-        RETURN NEW;
+    IF pg_catalog.pg_trigger_depth() = 1 THEN
+        c := pg_catalog.current_setting('steep_repl.apply_ctx', true);
+        IF c IS NOT NULL AND c <> '' THEN
+            IF TG_OP = 'DELETE' THEN
+                IF c = %2$L || '|' || %4$s THEN RETURN NULL; END IF;
+            ELSIF c = %2$L || '|' || %3$s OR (TG_OP = 'UPDATE' AND c = %2$L || '|' || %4$s) THEN
+                RETURN NULL;
+            END IF;
+        END IF;
     END IF;
-    RETURN NULL;
-END $body$ $f$, v_apply);
+    -- our own materialisation (nested) or a replica-role write without a version (node initialisation)
+    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old);
 
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '

@@ -138,11 +138,11 @@ def run(module, conn):
     else:
         db.validate_node_id(p["node_id"])
         wanted = None
-    if not db.extension_version(conn) and module.check_mode:
-        # First --check run: the extension task before this one would have installed it.
+    if module.check_mode and not (db.extension_version(conn) and nodes.has_registry(conn)):
+        # --check before the extension task installed/updated it (it would have, in a real run).
         return dict(changed=p["state"] == "present", node=wanted, before=None,
                     changed_columns=list(nodes.MANAGED) if wanted else [], queries=[],
-                    msg="steep_repl is not installed yet; the node would be registered after it is")
+                    msg="steep_repl 1.1 is not installed yet; the node would be registered after it is")
     nodes.require_registry(conn)
     if p["state"] == "present":
         changed, before, after = nodes.register(sql, conn, wanted)

@@ -26,8 +26,10 @@ def pause(lab, timeout=30):
         for s in subscriptions(n):
             n.sql('ALTER SUBSCRIPTION "%s" DISABLE' % s)
     deadline = time.monotonic() + timeout
-    while any(n.sql("SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname LIKE 'steep\\_%%' "
-                    "AND pid IS NOT NULL")[0][0] for n in lab.nodes):
+    # no apply worker on any subscriber AND no walsender on any steep slot of any publisher
+    while any(n.sql("SELECT (SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname LIKE 'steep\\_%%' "
+                    "AND pid IS NOT NULL) + (SELECT count(*) FROM pg_catalog.pg_replication_slots "
+                    "WHERE slot_name LIKE 'steep\\_to\\_%%' AND active)")[0][0] for n in lab.nodes):
         assert time.monotonic() < deadline, "apply workers did not stop"
         time.sleep(0.1)
 
@@ -36,6 +38,20 @@ def resume(lab):
     for n in lab.nodes:
         for s in subscriptions(n):
             n.sql('ALTER SUBSCRIPTION "%s" ENABLE' % s)
+
+
+def sync(lab, table="public.marker", timeout=60):
+    """Every node writes its own marker row; wait until every node has every node's marker.
+    Changes of one origin are applied in commit order, so everything written before is applied too
+    (a slot's confirmed position alone can run ahead of the apply right after ENABLE)."""
+    token = random.randint(1, 2 ** 30)
+    for i, n in enumerate(lab.nodes):
+        n.sql("INSERT INTO %s (id, v) VALUES (%%s, %%s) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v" % table,
+              (i, token))
+    want = [(i, token) for i in range(len(lab.nodes))]
+    wait_for(lambda: all(n.sql("SELECT id, v FROM %s ORDER BY id" % table) == want for n in lab.nodes),
+             timeout=timeout, what="markers on every node")
+    caught_up(lab, timeout)
 
 
 def caught_up(lab, timeout=60):

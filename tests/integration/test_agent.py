@@ -81,6 +81,22 @@ def test_health_ipc_metrics_and_alerts(two):
     assert json.loads(cli(cfgs["node1"][0], "init", "status").stdout)["nodes"][0]["init_state"] == "SYNCHRONIZED"
     assert cli(cfgs["node1"][0], "status").returncode == 0
 
+    # replication lag per subscription: incoming on the subscriber (bytes against the publisher's LSN), outgoing slot
+    for n in lab.nodes:
+        n.sql("CREATE TABLE public.lagt (id int PRIMARY KEY)")
+    n1.sql("CREATE PUBLICATION agent_pub FOR TABLE public.lagt")
+    n2.sql("CREATE SUBSCRIPTION agent_sub CONNECTION '%s' PUBLICATION agent_pub" % n1.dsn())
+    n1.sql("INSERT INTO public.lagt SELECT generate_series(1, 100)")
+    s2 = a2.wait_status(lambda b: [x for x in b["subscriptions"] if x["name"] == "agent_sub" and x["running"]
+                                   and x["lag_bytes"] is not None], 30)
+    sub = [x for x in s2["subscriptions"] if x["name"] == "agent_sub"][0]
+    assert sub["direction"] == "incoming" and sub["peer"] == "node1" and sub["lag_bytes"] >= 0
+    s1 = a1.wait_status(lambda b: [x for x in b["subscriptions"] if x["name"] == "agent_sub" and x["direction"] == "outgoing"], 20)
+    assert [x for x in s1["subscriptions"] if x["name"] == "agent_sub"][0]["wal_status"] == "reserved"
+    fams = {f.name: f for f in text_string_to_metric_families(a2.get("/metrics")[1])}
+    assert [x.labels for x in fams["steep_repl_replication_lag_bytes"].samples if x.labels["subscription"] == "agent_sub"]
+    assert wait_for(lambda: n2.sql("SELECT count(*) FROM public.lagt") == [(100,)], 20)
+
     # alerts: pending conflicts, DDL queue depth, range utilisation on node2
     n2.sql("INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type, resolution) "
            "SELECT 'sub', 'public', 'orders', 'UPDATE_UPDATE', 'PENDING' FROM generate_series(1, 3)")
@@ -249,8 +265,9 @@ def test_tls_http_api(lab_factory, tmp_path):
         a1, a2 = agents["node1"], agents["node2"]
         # votes travel over HTTPS between the agents
         assert a2.wait_status(lambda b: b["peers"]["node1"]["agent"] == "ok" and b["coordinator"] == "node1", 20)
+        assert wait_for(lambda: a1.get("/health")[0] == 200, 20)
         code, h = a1.get("/health")
-        assert code == 200 and h["status"] == "healthy"
+        assert h["status"] == "healthy" and h["role"] == "coordinator"
         plain = AgentProc(None, a1.port, tmp_path / "x.log")
         assert plain.get("/health") == (None, None)  # no plain HTTP on a TLS port
         assert a1.proc.poll() is None

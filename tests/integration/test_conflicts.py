@@ -14,7 +14,7 @@ from steeplab import make_lab
 
 TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk"]
 SETUP = ["CREATE TABLE public.%s (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)" % t for t in TABLES] + [
-    "CREATE TABLE public.nopk (id int, v text)"]
+    "CREATE TABLE public.nopk (id int, v text)", "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"]
 STRATEGIES = {
     "public.fww": "first_write_wins",
     "public.np": {"strategy": "node_priority", "priority": ["node2", "node1"]},
@@ -23,7 +23,7 @@ STRATEGIES = {
     "public.man": "manual",
     "public.bulk": "manual",
 }
-GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES],
+GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES] + ["public.marker"],
               "steep_conflict_strategies": STRATEGIES}
 
 
@@ -49,7 +49,7 @@ def conflicting(lab, statements):
                 lab.nodes[idx].sql(q)
     finally:
         cs.resume(lab)
-    cs.caught_up(lab)
+    cs.sync(lab)
 
 
 def value(node, table, key=1):
@@ -182,7 +182,11 @@ def test_manual_merge(lab):
     n1, n2 = lab.nodes
     conflicting(lab, {0: ["UPDATE public.man SET v = 'm1' WHERE id = 2"],
                       1: ["UPDATE public.man SET v = 'm2', n = 3 WHERE id = 2"]})
-    cid = [c for c in cs.conflicts(n2, "public.man", "[2]") if c["resolution"] == "PENDING"][0]["id"]
+    pend = cs.wait_for(lambda: [c for c in cs.conflicts(n2, "public.man", "[2]") if c["resolution"] == "PENDING"],
+                       timeout=20, what="a PENDING conflict on node2: node1 %r node2 %r rows %r/%r" % (
+                           cs.conflicts(n1, "public.man", "[2]"), cs.conflicts(n2, "public.man", "[2]"),
+                           cs.rows(n1, "public.man"), cs.rows(n2, "public.man")))
+    cid = pend[0]["id"]
     assert n2.sql("SELECT steep_repl.resolve_conflict(%s, 'merge', %s::jsonb)",
                   (cid, json.dumps({"v": "merged"}))) == [("MERGED",)]
     assert mesh.wait_converged(lab, "SELECT id, v, n FROM public.man WHERE id = 2") == [(2, "merged", 3)]

@@ -20,13 +20,16 @@ COLUMNS_1_0 = {
 }
 
 
-def play(tmp_path, node, **ext_args):
+def play(tmp_path, node, delegate=False, **ext_args):
     args = {"login_host": node.host, "login_port": node.port, "login_user": node.user,
             "login_password": node.password, "login_db": node.database, "pg_config": node.pg_config}
     args.update(ext_args)
+    task = {"name": "ext", "steep.repl.extension": args}
+    if delegate:
+        task["delegate_to"] = "localhost"
     path = tmp_path / "upgrade.yml"
     path.write_text(yaml.safe_dump([{"name": "extension", "hosts": "steep_nodes", "gather_facts": False,
-                                     "tasks": [{"name": "ext", "steep.repl.extension": args}]}]))
+                                     "tasks": [task]}]))
     return path
 
 
@@ -67,6 +70,11 @@ def test_upgrade_1_0_to_latest_keeps_data(lab_factory, playbook, tmp_path, major
     n.sql("INSERT INTO steep_repl.schema_fingerprints (table_schema, table_name, fingerprint, column_count) "
           "VALUES ('public', 'orders', 'abc', 3)")
     before = snapshot(n)
+
+    # --check of the whole foundation play on 1.0: no failure, nothing changed
+    res = playbook("steep_foundation.yml", inv, check=True, diff=True)
+    assert res.rc == 0 and res.changed() > 0, res.failure_messages()
+    assert version(n) == "1.0" and snapshot(n) == before
 
     # --check: honest, changes nothing
     res = playbook(play(tmp_path, n, state="latest"), inv, check=True, diff=True)
@@ -116,3 +124,8 @@ def test_drop_extension(lab_factory, playbook, tmp_path):
     assert playbook(play(tmp_path, n, state="absent"), inv).changed() == 1
     assert version(n) is None
     assert playbook(play(tmp_path, n, state="absent"), inv).changed() == 0
+
+    # the database part alone, from the controller (how the Windows role runs it)
+    res = playbook(play(tmp_path, n, delegate=True, install_files=False, state="latest"), inv)
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    assert res.task_results("ext")[0][1]["files"] == [] and version(n) == "1.1"
