@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Assemble the versioned scripts of the steep_repl extension.
 
 Layout (one concept, one home):

@@ -18,18 +18,14 @@ tar -C "$ROOT" \
 cd "$DEST"
 export PATH="$BIN:$PATH"
 
-# ansible-test bootstraps pip in its per-test virtualenvs with a script from ci-files.testing.ansible.com.
-# Offline (or when that host is blocked) it stops with "Download failed"; its documented way out is a script
-# saved in its cache. Ours uses the interpreter's own ensurepip, then the configured package index.
+# ansible-test bootstraps pip in its per-test virtualenvs with a get-pip script it normally downloads;
+# this machine only reaches the package registries, so we place ansible-test's documented cache file
+# ourselves: the interpreter's own ensurepip, then the configured package index.
 PIPVER="$(sed -n "s/^ *pip='\([0-9.]*\)',\$/\1/p" "$("$BIN/python" -c 'import ansible_test, os; print(os.path.dirname(ansible_test.__file__))')/_internal/python_requirements.py" | head -1)"
 PIPVER="${PIPVER:-24.2}"
 CACHE="$HOME/.ansible/test/cache/get_pip_${PIPVER//./_}.py"
 mkdir -p "$(dirname "$CACHE")"
-if { [ ! -s "$CACHE" ] || grep -q "written by steep.repl" "$CACHE"; } && ! "$BIN/python" -c "
-import sys, urllib.request
-data = urllib.request.urlopen('https://ci-files.testing.ansible.com/ansible-test/get-pip-$PIPVER.py', timeout=10).read()
-open(sys.argv[1], 'wb').write(data)" "$CACHE.download" >/dev/null 2>&1; then
-    cat >"$CACHE" <<'PY'
+cat >"$CACHE" <<'PY'
 # Offline stand-in for get-pip.py written by steep.repl scripts/sanity.sh: ensurepip, then pip install "$@".
 # ensurepip runs in a child process: in-process it disables the pip configuration (index, certificates).
 import subprocess
@@ -41,9 +37,5 @@ if "--no-setuptools" in sys.argv:
     subprocess.call([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "setuptools"])
 sys.exit(subprocess.call([sys.executable, "-m", "pip", "install"] + args))
 PY
-elif [ -s "$CACHE.download" ]; then
-    mv "$CACHE.download" "$CACHE"
-fi
-rm -f "$CACHE.download"
 # Tests whose tool is missing (shellcheck) are skipped by ansible-test with a warning.
 "$BIN/ansible-test" sanity --python "$PYVER" --local --color no "$@"

@@ -60,7 +60,7 @@ def _accessible(path: Path) -> bool:
     if not user:
         return os.access(path, os.X_OK)
     return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)],
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
 
 
 def wheel_pg_config(major: int) -> str:
@@ -278,7 +278,7 @@ class Lab:
         res = subprocess.run(_as_user([node.tool("initdb"), "-D", node.datadir, "-U", LAB_USER,
                                        "--pwfile", str(pwfile), "-A", "trust", "-E", "UTF8",
                                        "--locale=C", "--no-sync"]),
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         pwfile.unlink()
         if res.returncode != 0:
             raise LabError(f"initdb failed for {name}: {res.stderr.strip()}")

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 COLLECTIONS = ROOT / ".collections"
 sys.path.insert(0, str(COLLECTIONS))  # ansible_collections.steep.repl -> the repo
 
-from steeplab import Lab, make_lab  # noqa: E402
+from steeplab import make_lab  # noqa: E402
 
 LAB_BASE = Path(os.environ.get("STEEP_TEST_LAB_ROOT", "/tmp/steep-tests"))
 
@@ -101,7 +101,7 @@ def run_playbook(playbook, inventory, extra_vars=None, check=False, diff=False, 
         cmd += ["--limit", limit]
     cmd += list(extra_args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT),
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     try:
         start = proc.stdout.index("{")
         data = json.loads(proc.stdout[start:])

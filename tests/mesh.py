@@ -96,8 +96,8 @@ def build_mesh(lab, setup_sql, group_vars=None, run=True, host_vars=None, nodes=
     if run:
         res = run_playbook(playbook, path, extra_vars=extra_vars)
         assert res.rc == 0 and res.failed() == 0, (
-            "site.yml failed (rc=%s): %s\n%s" % (res.rc, res.failure_messages(),
-                                                  res.stdout[-4000:] + res.stderr[-2000:]))
+            "site.yml failed (rc=%s): %s\n%s"
+            % (res.rc, res.failure_messages(), res.stdout[-4000:] + res.stderr[-2000:]))
     return path
 
 

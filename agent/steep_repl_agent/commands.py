@@ -4,6 +4,7 @@ connection and returns JSON-able data, or raises CommandError naming the fix."""
 import json
 
 from ansible_collections.steep.repl.plugins.module_utils import db
+from ansible_collections.steep.repl.plugins.module_utils import nodeinit
 
 from . import collect
 
@@ -158,7 +159,11 @@ def init_status(conn, args=None):
     for n in collect.nodes(conn):
         out.append(dict(node_id=n.get("node_id"), init_state=n.get("init_state", "UNKNOWN"),
                         init_state_reason=n.get("init_state_reason"), is_local=n.get("is_local")))
-    return dict(nodes=out)
+    progress = []
+    if db.fetch_value(conn, "SELECT pg_catalog.to_regclass('steep_repl.init_status') IS NOT NULL"):
+        progress = [{k: (str(v) if v is not None and not isinstance(v, (int, float, str, bool)) else v)
+                     for k, v in row.items()} for row in nodeinit.status(conn)]
+    return dict(nodes=out, progress=progress)
 
 
 DB_COMMANDS = {

@@ -603,9 +603,8 @@ BEGIN
     END IF;
     k := %3$s;
     IF TG_OP = 'INSERT' THEN
-        IF EXISTS (SELECT 1 FROM ONLY %5$s AS t WHERE %6$s) THEN
-            RETURN NEW;     -- will fail or turn into ON CONFLICT DO UPDATE (captured then) / DO NOTHING
-        END IF;
+        -- no version when the key is live (checked under the version's lock): the INSERT fails or
+        -- turns into ON CONFLICT DO UPDATE (captured then) / DO NOTHING
         PERFORM steep_repl._capture(%2$L, k, false, pg_catalog.to_jsonb(NEW), true);
         RETURN NEW;
     END IF;
@@ -634,10 +633,18 @@ BEGIN
             END IF;
         END IF;
     END IF;
+    -- an apply-worker change that no version accompanied: apply it, an INSERT of an existing key
+    -- becomes an update (never an insert_exists error loop)
+    IF pg_catalog.pg_trigger_depth() = 1 AND TG_OP = 'INSERT' AND pg_catalog.pg_replication_origin_session_is_setup() THEN
+        IF %5$s('lock', %3$s, NULL) IS NOT NULL THEN
+            PERFORM %5$s('upd', %3$s, pg_catalog.to_jsonb(NEW));
+            RETURN NULL;
+        END IF;
+    END IF;
     -- our own materialisation (nested) or a replica-role write without a version (node initialisation)
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
-END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old);
+END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_rowop);
 
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '

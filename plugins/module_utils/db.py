@@ -103,8 +103,8 @@ def explain_connect_error(message, kw):
             or "could not translate host name" in low or "no route to host" in low):
         return ("PostgreSQL at %s:%s is unreachable (%s). Fix: check that the server runs, "
                 "listens on that address (listen_addresses, port) and that steep_pg_host/"
-                "steep_pg_port are right." % (kw.get("host"), kw.get("port"),
-                                               message.strip().splitlines()[0]))
+                "steep_pg_port are right."
+                % (kw.get("host"), kw.get("port"), message.strip().splitlines()[0]))
     return "cannot connect to %s: %s" % (where, message.strip())
 
 
@@ -115,7 +115,7 @@ def quote_ident(name):
 
 def quote_qualified(name):
     """Quote ``schema.table`` (split on the first dot) as two identifiers."""
-    schema, _, table = split_qualified(name)
+    schema, _dot, table = split_qualified(name)
     return "%s.%s" % (quote_ident(schema), quote_ident(table))
 
 

@@ -257,7 +257,7 @@ def copy_tables(source_kw, target_kw, tables, target_node, source_node,
 
     try:
         progress.start(tables, keep_done)
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(parallel_workers, max(len(tables), 1)))]
+        threads = [threading.Thread(target=worker, daemon=True) for _worker in range(min(parallel_workers, max(len(tables), 1)))]
         for t in threads:
             t.start()
         for t in threads:
@@ -471,7 +471,7 @@ def create_missing_tables(src, tgt, tables):
     env = dict(os.environ)
     if kw.get("password"):
         env["PGPASSWORD"] = kw["password"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SteepError("pg_dump of %s failed: %s" % (", ".join(tables), res.stderr.strip()))
     ddl = "\n".join(line for line in res.stdout.splitlines()

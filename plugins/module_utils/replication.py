@@ -292,7 +292,7 @@ def measure_offset(conn, samples=5):
     """Offset (ms) of the server clock against this host's clock (see best_offset)."""
     taken = []
     with conn.cursor() as cur:
-        for _ in range(max(1, samples)):
+        for _i in range(max(1, samples)):
             t0 = time.time() * 1000.0
             cur.execute("SELECT extract(epoch FROM pg_catalog.clock_timestamp())::float8 * 1000")
             server_ms = cur.fetchone()[0]

@@ -21,7 +21,7 @@ description:
     interrupted run are skipped.
   - C(finish) wires the target into the mesh on the prepared slots (via the replication logic of M(steep.repl.replication)),
     waits until it has caught up and marks it SYNCHRONIZED on every node.
-  - C(complete) is the manual method's last step: after the user restored a backup of the source taken at O(source_lsn),
+  - C(complete) is the manual method's last step. After the user restored a backup of the source taken at O(source_lsn),
     the source's slot skips what the backup holds, then C(finish) runs.
   - C(status) only reads C(steep_repl.init_status) on the target.
   - Every state change (UNINITIALIZED, PREPARING, COPYING, CATCHING_UP, SYNCHRONIZED, FAILED, ...) is written to
@@ -29,7 +29,7 @@ description:
     re-run resumes.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.mesh_nodes
 options:

@@ -19,8 +19,9 @@ SCHEMA = [
 TABLES = ["public.orders", "public.order_lines", "public.docs", "public.plain"]
 
 
-def prepare(lab, sql=SCHEMA, group_vars=None, host_vars=None):
+def prepare(lab, sql=None, group_vars=None, host_vars=None):
     """Schema on every node, inventory, extension + node registry (foundation playbook or SQL)."""
+    sql = SCHEMA if sql is None else sql
     inv = build_mesh(lab, sql, group_vars=group_vars, run=False, host_vars=host_vars)
     if not _foundation_is_placeholder():
         res = run_playbook("steep_foundation.yml", inv)
@@ -186,7 +187,7 @@ def snapshot(node):
 
 @pytest.mark.parametrize("majors", [(17,), (18,)])
 def test_insert_outside_the_range_fails_clearly_and_changes_nothing(lab_factory, majors):
-    lab, _ = _ranged_lab(lab_factory, majors)
+    lab, _inv = _ranged_lab(lab_factory, majors)
     node = lab.nodes[0]
     node.sql("INSERT INTO public.orders (note) VALUES ('ok')")
     before = snapshot(node)
@@ -204,7 +205,7 @@ def test_insert_outside_the_range_fails_clearly_and_changes_nothing(lab_factory,
 
 
 def test_bypass_is_session_scoped_and_audited_with_who_and_why(lab_factory):
-    lab, _ = _ranged_lab(lab_factory)
+    lab, _inv = _ranged_lab(lab_factory)
     node = lab.nodes[0]
     with pytest.raises(psycopg2.errors.InvalidParameterValue) as err:
         node.sql("SELECT steep_repl.enable_range_bypass('')")
@@ -234,10 +235,10 @@ def test_bypass_is_session_scoped_and_audited_with_who_and_why(lab_factory):
 
 
 def test_exhaustion_moves_to_next_range_without_error_and_preallocates(lab_factory):
-    lab, _ = _ranged_lab(lab_factory, settings={"default_range_size": 10, "threshold_percent": 100})
+    lab, _inv = _ranged_lab(lab_factory, settings={"default_range_size": 10, "threshold_percent": 100})
     node = lab.nodes[0]
     # threshold 100: nothing pre-allocated, the range runs out and the next one is allocated on the spot
-    ids = [node.sql("INSERT INTO public.orders (note) VALUES ('x') RETURNING id")[0][0] for _ in range(25)]
+    ids = [node.sql("INSERT INTO public.orders (note) VALUES ('x') RETURNING id")[0][0] for _i in range(25)]
     assert ids == list(range(1, 11)) + list(range(641, 651)) + list(range(1281, 1286))
     assert ranges_of(node) == [("node1", 1, 10, "exhausted", 0, 0), ("node1", 641, 650, "exhausted", 0, 64),
                                ("node1", 1281, 1290, "active", 0, 128)]
@@ -312,13 +313,13 @@ def test_concurrent_allocation_stress_never_overlaps_across_nodes(lab_factory):
     def worker(node):
         try:
             conn = node.connect()
-            for _ in range(15):
+            for _i in range(15):
                 conn.cursor().execute("SELECT * FROM steep_repl.allocate_range('public', 'orders', 100)")
             conn.close()
         except Exception as exc:
             errors.append(str(exc))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in lab.nodes for _ in range(3)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in lab.nodes for _i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -386,7 +387,7 @@ def test_identity_serial_smallint_and_partitioned_keys_expand(lab_factory, major
     node = lab.nodes[0]
     for t in tables:
         assert got["tables"][t]["status"] == "ranged" and got["tables"][t]["current_range"] == [6, 10]
-        ids = [node.sql("INSERT INTO %s (v) VALUES ('x') RETURNING id" % t)[0][0] for _ in range(12)]
+        ids = [node.sql("INSERT INTO %s (v) VALUES ('x') RETURNING id" % t)[0][0] for _i in range(12)]
         assert ids == [6, 7, 8, 9, 10, 26, 27, 28, 29, 30, 46, 47], t
 
 
@@ -429,7 +430,7 @@ def test_sequence_cache_values_from_a_used_up_range_are_relocated(lab_factory):
     node = lab.nodes[0]
     sessions = [node.connect(), node.connect()]
     ids = []
-    for _ in range(30):
+    for _i in range(30):
         for c in sessions:  # each session holds its own cache of 4 values
             with c.cursor() as cur:
                 cur.execute("INSERT INTO public.c (v) VALUES ('x') RETURNING id")

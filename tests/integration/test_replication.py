@@ -263,7 +263,7 @@ def test_three_node_setup_with_forks_and_concurrent_runs_never_deadlocks(lab_fac
         # two set-ups of the whole mesh at the same moment, each with --forks 3
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             runs = [pool.submit(run_playbook, "steep_replication.yml", inv, extra_args=["--forks", "3"], timeout=240)
-                    for _ in range(2)]
+                    for _i in range(2)]
             results = [f.result() for f in runs]
         assert all(r.rc == 0 for r in results), [r.failure_messages() for r in results]
         mesh.assert_healthy(lab)

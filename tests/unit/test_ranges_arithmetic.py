@@ -47,13 +47,13 @@ def test_next_range_refuses_overflow_and_bad_slots():
 
 def test_random_allocations_of_all_slots_never_overlap():
     rnd = random.Random(7)
-    for _ in range(30):
+    for _i in range(30):
         slots = rnd.randint(1, 16)
         size = rnd.randint(1, 500)
         last = {s: None for s in range(slots)}
         position = {s: rnd.randint(0, 5000) for s in range(slots)}
         got = []
-        for _ in range(200):
+        for _i in range(200):
             s = rnd.randrange(slots)
             block, start, end = rg.next_range(s, slots, size, position[s], last[s])
             assert rg.slot_of_block(block, slots) == s
