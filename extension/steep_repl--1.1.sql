@@ -795,14 +795,14 @@ BEGIN
 
     SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(c), ', ') || ')::text',
            'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(c), ', ') || ')::text',
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(c) || ' = k.' || pg_catalog.quote_ident(c), ' AND '),
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(c) || ' = NEW.' || pg_catalog.quote_ident(c), ' AND '),
-           'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', j->' || (o - 1), ', ') || ')'
+           pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_k_.' || pg_catalog.quote_ident(c), ' AND '),
+           pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = NEW.' || pg_catalog.quote_ident(c), ' AND '),
+           'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', steep_j_->' || (o - 1), ', ') || ')'
       INTO v_pk_new, v_pk_old, v_match, v_newmatch, v_keyobj
     FROM pg_catalog.unnest(v_pk) WITH ORDINALITY AS u(c, o);
-    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = x.' || pg_catalog.quote_ident(c), ', '),
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = steep_x_.' || pg_catalog.quote_ident(c), ', '),
            pg_catalog.string_agg(pg_catalog.quote_ident(c), ', '),
-           pg_catalog.string_agg('x.' || pg_catalog.quote_ident(c), ', '),
+           pg_catalog.string_agg('steep_x_.' || pg_catalog.quote_ident(c), ', '),
            pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = EXCLUDED.' || pg_catalog.quote_ident(c), ', ')
       INTO v_set, v_collist, v_sel, v_setx
     FROM pg_catalog.unnest(v_cols) AS u(c);
@@ -812,26 +812,27 @@ BEGIN
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s(p_action TEXT, p_pk TEXT, p_img JSONB) RETURNS JSONB
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+#variable_conflict use_column
 DECLARE
-    j JSONB := p_pk::JSONB;
-    k %2$s := pg_catalog.jsonb_populate_record(NULL::%2$s, %3$s);
-    r JSONB;
+    steep_j_ JSONB := p_pk::JSONB;
+    steep_k_ %2$s := pg_catalog.jsonb_populate_record(NULL::%2$s, %3$s);
+    steep_r_ JSONB;
 BEGIN
     IF p_action = 'lock' THEN
-        SELECT pg_catalog.to_jsonb(t.*) INTO r FROM ONLY %2$s AS t WHERE %4$s FOR UPDATE;
-        RETURN r;
+        SELECT pg_catalog.to_jsonb(steep_t_.*) INTO steep_r_ FROM ONLY %2$s AS steep_t_ WHERE %4$s FOR UPDATE;
+        RETURN steep_r_;
     ELSIF p_action = 'get' THEN
-        SELECT pg_catalog.to_jsonb(t.*) INTO r FROM ONLY %2$s AS t WHERE %4$s;
-        RETURN r;
+        SELECT pg_catalog.to_jsonb(steep_t_.*) INTO steep_r_ FROM ONLY %2$s AS steep_t_ WHERE %4$s;
+        RETURN steep_r_;
     ELSIF p_action = 'ins' THEN
-        INSERT INTO %2$s (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x;
+        INSERT INTO %2$s (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_;
     ELSIF p_action = 'upd' THEN
-        UPDATE ONLY %2$s AS t SET %7$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x WHERE %4$s;
+        UPDATE ONLY %2$s AS steep_t_ SET %7$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_ WHERE %4$s;
     ELSIF p_action = 'put' THEN
-        INSERT INTO %2$s AS t (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS x
+        INSERT INTO %2$s AS steep_t_ (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_
         ON CONFLICT (%8$s) DO UPDATE SET %9$s;
     ELSIF p_action = 'del' THEN
-        DELETE FROM ONLY %2$s AS t WHERE %4$s;
+        DELETE FROM ONLY %2$s AS steep_t_ WHERE %4$s;
     ELSE
         RAISE EXCEPTION 'steep_repl: unknown row operation %%', p_action;
     END IF;
@@ -843,24 +844,25 @@ END $body$ $f$, v_rowop, v_q, v_keyobj, v_match, v_collist, v_sel, v_set, v_pkli
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
-DECLARE k TEXT; ok TEXT;
+#variable_conflict use_column
+DECLARE steep_k_ TEXT; steep_ok_ TEXT;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         PERFORM steep_repl._capture(%2$L, %4$s, true, NULL);
         RETURN OLD;
     END IF;
-    k := %3$s;
+    steep_k_ := %3$s;
     IF TG_OP = 'INSERT' THEN
         -- no version when the key is live (checked under the version's lock): the INSERT fails or
         -- turns into ON CONFLICT DO UPDATE (captured then) / DO NOTHING
-        PERFORM steep_repl._capture(%2$L, k, false, pg_catalog.to_jsonb(NEW), true);
+        PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW), true);
         RETURN NEW;
     END IF;
-    ok := %4$s;
-    IF ok <> k THEN
-        PERFORM steep_repl._capture(%2$L, ok, true, NULL);
+    steep_ok_ := %4$s;
+    IF steep_ok_ <> steep_k_ THEN
+        PERFORM steep_repl._capture(%2$L, steep_ok_, true, NULL);
     END IF;
-    PERFORM steep_repl._capture(%2$L, k, false, pg_catalog.to_jsonb(NEW));
+    PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW));
     RETURN NEW;
 END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
 
@@ -869,14 +871,15 @@ END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
-DECLARE c TEXT;
+#variable_conflict use_column
+DECLARE steep_c_ TEXT;
 BEGIN
     IF pg_catalog.pg_trigger_depth() = 1 THEN
-        c := pg_catalog.current_setting('steep_repl.apply_ctx', true);
-        IF c IS NOT NULL AND c <> '' THEN
+        steep_c_ := pg_catalog.current_setting('steep_repl.apply_ctx', true);
+        IF steep_c_ IS NOT NULL AND steep_c_ <> '' THEN
             IF TG_OP = 'DELETE' THEN
-                IF c = %2$L || '|' || %4$s THEN RETURN NULL; END IF;
-            ELSIF c = %2$L || '|' || %3$s OR (TG_OP = 'UPDATE' AND c = %2$L || '|' || %4$s) THEN
+                IF steep_c_ = %2$L || '|' || %4$s THEN RETURN NULL; END IF;
+            ELSIF steep_c_ = %2$L || '|' || %3$s OR (TG_OP = 'UPDATE' AND steep_c_ = %2$L || '|' || %4$s) THEN
                 RETURN NULL;
             END IF;
         END IF;

@@ -86,8 +86,8 @@ def normalize_strategies(tables, known_nodes=None):
                 unknown = [n for n in priority if n not in known_nodes]
                 if unknown:
                     raise SteepError("steep_conflict_strategies[%s]: node_priority list names unknown node(s) %s. Fix: use "
-                                     "registered node ids (%s)." % (name, ", ".join(unknown),
-                                                                   ", ".join(sorted(known_nodes)) or "none"))
+                                     "registered node ids (%s)."
+                                     % (name, ", ".join(unknown), ", ".join(sorted(known_nodes)) or "none"))
             priority = list(priority)
         if name in out:
             raise SteepError("steep_conflict_strategies names %s twice. Fix: keep one entry." % name)
@@ -195,7 +195,7 @@ def configure(sql, conn, default_strategy=None, tables=None, purge=True):
             sql.execute("SELECT steep_repl.set_conflict_strategy(%s, %s, %s::text[])",
                         (quote_for_regclass(name) if name else None, strategy, priority))
         else:
-            schema, _, table = split_qualified(args[0])
+            schema, _dot, table = split_qualified(args[0])
             sql.execute("SELECT steep_repl.clear_conflict_strategy(%s, %s)", (schema, table))
     if sql.check_mode:
         after = {"default_strategy": default_strategy or before["default_strategy"],
@@ -208,7 +208,7 @@ def configure(sql, conn, default_strategy=None, tables=None, purge=True):
 
 
 def quote_for_regclass(name):
-    schema, _, table = split_qualified(name)
+    schema, _dot, table = split_qualified(name)
     return '"%s"."%s"' % (schema.replace('"', '""'), table.replace('"', '""'))
 
 
@@ -229,7 +229,7 @@ def list_conflicts(conn, resolution="PENDING", table=None, limit=100):
         where.append("resolution = %s")
         args.append(resolution)
     if table:
-        schema, _, name = split_qualified(table)
+        schema, _dot, name = split_qualified(table)
         where.append("table_schema = %s AND table_name = %s")
         args += [schema, name]
     q = "SELECT %s FROM steep_repl.conflict_log%s ORDER BY id LIMIT %%s" % (

@@ -26,7 +26,7 @@ description:
   - Every change is written to C(steep_repl.audit_log) by the database functions. Check mode changes nothing.
 version_added: "1.1.0"
 author:
-  - steep.repl contributors
+  - steep.repl contributors (@steep-repl)
 extends_documentation_fragment:
   - steep.repl.connection
 options:

@@ -117,7 +117,7 @@ def test_keep_local_and_apply_remote_diverge_as_documented(lab):
 def test_playbook_warned_and_is_idempotent(lab):
     res = run_playbook("steep_conflicts.yml", lab.inventory_path)
     assert res.rc == 0 and res.changed() == 0, res.stdout[-3000:]
-    warnings = [w for _, r in res.task_results("Configure the conflict strategies") for w in r.get("warnings", [])]
+    warnings = [w for _host, r in res.task_results("Configure the conflict strategies") for w in r.get("warnings", [])]
     assert any("public.kl uses keep_local" in w for w in warnings), warnings
     assert any("public.ar uses apply_remote" in w for w in warnings), warnings
     assert any("public.man uses manual" in w for w in warnings), warnings
@@ -126,7 +126,7 @@ def test_playbook_warned_and_is_idempotent(lab):
     inv = lab.write_inventory(lab.root / "inv-check.yml", group_vars=gv)
     res = run_playbook("steep_conflicts.yml", inv, check=True, diff=True)
     assert res.rc == 0 and res.changed() == 2, res.stdout[-3000:]
-    for _, r in res.task_results("Configure the conflict strategies"):
+    for _host, r in res.task_results("Configure the conflict strategies"):
         assert r["diff"]["after"]["default_strategy"] == "first_write_wins"
     for n in lab.nodes:
         assert n.sql("SELECT value FROM steep_repl.conflict_settings WHERE name = 'default_strategy'") == [
@@ -205,7 +205,7 @@ def test_bulk_resolve_by_xid(lab):
     xid = pend[0]["origin_xid"]
     res = resolve_task(lab, "node2", {"state": "resolved", "xid": xid, "resolution": "local"})
     assert res.rc == 0 and res.changed() == 1, res.failure_messages()
-    assert [r["resolved"] for _, r in res.task_results("conflict task")] == [3]
+    assert [r["resolved"] for _host, r in res.task_results("conflict task")] == [3]
     assert mesh.wait_converged(lab, "SELECT id, v FROM public.bulk ORDER BY id") == [(1, "b1"), (2, "b2"), (3, "b3")]
     cs.wait_for(lambda: not [c for c in cs.conflicts(n1, "public.bulk") if c["resolution"] == "PENDING"],
                 what="node1 settles")
@@ -220,11 +220,11 @@ def test_revert_resolution(lab):
     conflicting(lab, {0: ["UPDATE public.lww SET v = 'r1' WHERE id = 3"],
                       1: ["UPDATE public.lww SET v = 'r2' WHERE id = 3"]})
     assert mesh.wait_converged(lab, "SELECT v FROM public.lww WHERE id = 3") == [("r2",)]
-    c = [c for c in cs.conflicts(n1, "public.lww", "[3]")][-1]
+    c = list(cs.conflicts(n1, "public.lww", "[3]"))[-1]
     assert c["resolution"] == "APPLIED_REMOTE"
     res = resolve_task(lab, "node1", {"state": "reverted", "conflict_id": c["id"], "reason": "wrong winner"})
     assert res.rc == 0 and res.changed() == 1, res.failure_messages()
-    new_id = [r["new_conflict_id"] for _, r in res.task_results("conflict task")][0]
+    new_id = [r["new_conflict_id"] for _host, r in res.task_results("conflict task")][0]
     assert mesh.wait_converged(lab, "SELECT v FROM public.lww WHERE id = 3") == [("r1",)]
     rows = {r[0]: r[1:] for r in n1.sql("SELECT id, resolution, reverted_by, reverts, note FROM steep_repl.conflict_log "
                                         "WHERE id IN (%s, %s)", (c["id"], new_id))}
@@ -360,7 +360,7 @@ def test_module_in_process(lab):
         listed = cu.list_conflicts(conn, resolution=None, table="public.lww", limit=5)
         assert listed and all(c["table_name"] == "lww" for c in listed)
         assert isinstance(listed[0]["detected_at"], str)
-        assert cu.current_configuration(conn)["tables"]["public.np"] == {"strategy": "node_priority",
-                                                                        "priority": ["node2", "node1"]}
+        assert cu.current_configuration(conn)["tables"]["public.np"] == {
+            "strategy": "node_priority", "priority": ["node2", "node1"]}
     finally:
         conn.close()

@@ -76,4 +76,3 @@ def test_helpers():
     assert c.quote_for_regclass('s."x') == '"s"."""x"'
     assert c._plain(None) is None
     assert c._json(None) is None and c._json({"a": 1}) == '{"a": 1}'
-
