@@ -71,6 +71,16 @@ class PlaybookResult:
                     out.extend(task["hosts"].items())
         return out
 
+    def changed_tasks(self):
+        """[(host, task name)] of every task that reported a change."""
+        out = []
+        for play in (self.data or {}).get("plays", []):
+            for task in play.get("tasks", []):
+                for host, res in task["hosts"].items():
+                    if res.get("changed"):
+                        out.append((host, task["task"]["name"]))
+        return out
+
     def failure_messages(self):
         msgs = []
         for play in (self.data or {}).get("plays", []):
