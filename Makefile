@@ -51,7 +51,10 @@ molecule: setup
 # The README's test command: everything CI checks.
 test: setup
 	$(BIN)/python extension/build.py --check
-	$(BIN)/python -m pytest -q -ra --cov=plugins --cov=steeplab --cov-report=term tests
+	rm -rf .coverage .coverage-modules
+	STEEP_MODULE_COVERAGE=$(CURDIR)/.coverage-modules $(BIN)/python -m pytest -q -ra --cov=plugins --cov=steeplab --cov=agent --cov-report= tests
+	$(BIN)/python -m coverage combine --append .coverage-modules
+	$(BIN)/python -m coverage report
 	bash scripts/sanity.sh
 	$(BIN)/ansible-lint -q playbooks roles
 	cd extensions && $(CURDIR)/$(BIN)/molecule test -s default

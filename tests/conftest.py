@@ -91,6 +91,19 @@ class PlaybookResult:
         return msgs
 
 
+def module_coverage_env():
+    """With STEEP_MODULE_COVERAGE=<dir> (set by `make test`), modules run by ansible-playbook record
+    coverage there too (ansible-core's AnsiballZ coverage hook); `make test` combines it with pytest's."""
+    out = os.environ.get("STEEP_MODULE_COVERAGE")
+    if not out:
+        return {}
+    rc = Path(out) / "modules.coveragerc"
+    if not rc.exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        rc.write_text("[run]\nparallel = True\ninclude =\n    */ansible_collections/steep/repl/plugins/*\n")
+    return {"_ANSIBLE_ANSIBALLZ_COVERAGE_CONFIG": json.dumps({"config": str(rc), "output": str(Path(out) / ".coverage.module")})}
+
+
 def run_playbook(playbook, inventory, extra_vars=None, check=False, diff=False, limit=None,
                  extra_args=(), timeout=900):
     """Run a real ansible-playbook with the JSON callback and return a PlaybookResult."""
@@ -99,6 +112,7 @@ def run_playbook(playbook, inventory, extra_vars=None, check=False, diff=False, 
                ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS),
                ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
                ANSIBLE_NOCOLOR="1")
+    env.update(module_coverage_env())
     cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
            str(ROOT / "playbooks" / playbook if "/" not in str(playbook) else playbook)]
     if extra_vars:

@@ -77,13 +77,24 @@ offsets:
   sample: {node_a: {offset_ms: 0.4, rtt_ms: 0.3}}
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.steep.repl.plugins.module_utils.db import (
-    HAS_PSYCOPG2, PSYCOPG2_IMPORT_ERROR, SteepError)
 from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
-from ansible_collections.steep.repl.plugins.module_utils.replication import (
-    Member, check_clocks, redact)
+from ansible_collections.steep.repl.plugins.module_utils.replication import Member, check_clocks
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_mesh
+
+
+def run(module):
+    p = module.params
+    offsets, verdict = check_clocks([Member(n) for n in p["nodes"]], samples=p["samples"], warn_ms=p["warn_drift_ms"],
+                                    max_ms=p["max_drift_ms"])
+    result = dict(changed=False, offsets=offsets, drift_ms=verdict["drift_ms"],
+                  uncertainty_ms=verdict["uncertainty_ms"], pair=verdict["pair"], status=verdict["status"])
+    if verdict["status"] == "fail":
+        module.fail_json(msg=verdict["message"], **result)
+    result["warnings"] = [verdict["message"]] if verdict["status"] == "warn" else []
+    result["msg"] = verdict["message"]
+    return result
 
 
 def main():
@@ -96,23 +107,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
-    p = module.params
-    secrets = [n.get("password") for n in p["nodes"] if n.get("password")]
-    try:
-        members = [Member(n) for n in p["nodes"]]
-        offsets, verdict = check_clocks(members, samples=p["samples"], warn_ms=p["warn_drift_ms"],
-                                        max_ms=p["max_drift_ms"])
-    except SteepError as exc:
-        module.fail_json(msg=redact(str(exc), secrets))
-    result = dict(changed=False, offsets=offsets, drift_ms=verdict["drift_ms"],
-                  uncertainty_ms=verdict["uncertainty_ms"], pair=verdict["pair"], status=verdict["status"])
-    if verdict["status"] == "fail":
-        module.fail_json(msg=verdict["message"], **result)
-    if verdict["status"] == "warn":
-        module.warn(verdict["message"])
-    module.exit_json(msg=verdict["message"], **result)
+    run_on_mesh(module, run)
 
 
 if __name__ == "__main__":

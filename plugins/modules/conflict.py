@@ -159,11 +159,11 @@ diff:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import conflicts
-from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_node
 
 
 def argument_spec():
@@ -216,29 +216,8 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True,
                            required_if=[("state", "resolved", ["resolution"]),
                                         ("state", "reverted", ["conflict_id"])])
-    if not db.HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2-binary"), exception=str(db.PSYCOPG2_IMPORT_ERROR))
-    kw = db.conn_params_from(module.params)
-    conn = None
-    try:
-        conn = db.connect(kw, autocommit=False)
-        result = run(module, conn)
-        if module.check_mode:
-            conn.rollback()
-        else:
-            conn.commit()
-    except SteepError as exc:
-        module.fail_json(msg=str(exc))
-    except db.psycopg2.Error as exc:
-        module.fail_json(msg="steep.repl.conflict (%s) failed on %s, nothing was changed: %s" % (
-            module.params["state"], db.describe(kw), conflicts.explain_db_error(exc)))
-    finally:
-        if conn is not None:
-            conn.close()
-    diff = result.pop("diff", None)
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    run_on_node(module, run, "steep.repl.conflict (%s)" % module.params["state"], transactional=True,
+                explain=conflicts.explain_db_error)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,12 @@ diff:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import extfiles
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_node
 
 
 def argument_spec():
@@ -266,28 +267,9 @@ def run(module, conn):
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
-    if not db.HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2-binary"), exception=str(db.PSYCOPG2_IMPORT_ERROR))
-    kw = db.conn_params_from(module.params)
-    conn = None
-    try:
-        conn = db.connect(kw)
-        result = run(module, conn)
-    except SteepError as exc:
-        module.fail_json(msg=str(exc))
-    except db.psycopg2.Error as exc:
-        diag = getattr(exc, "diag", None)
-        hint = getattr(diag, "message_hint", None) if diag else None
-        module.fail_json(msg="steep_repl extension task failed on %s: %s%s" % (
-            db.describe(kw), str(exc).strip().splitlines()[0], (". Fix: " + hint) if hint else ""))
-    finally:
-        if conn is not None:
-            conn.close()
-    if module._diff:
-        result["diff"] = dict(
-            before=dict(version=result["version_before"], outdated_files=result["files"]),
-            after=dict(version=result["version_after"], outdated_files=[]))
-    module.exit_json(**result)
+    run_on_node(module, run, "steep_repl extension task", diff=lambda r: dict(
+        before=dict(version=r["version_before"], outdated_files=r["files"]),
+        after=dict(version=r["version_after"], outdated_files=[])))
 
 
 if __name__ == "__main__":

@@ -144,11 +144,12 @@ diff:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import ranges as rg
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_node
 
 
 def argument_spec():
@@ -317,22 +318,7 @@ def run(module, conn):
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
-    if not db.HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(db.PSYCOPG2_IMPORT_ERROR))
-    kw = db.conn_params_from(module.params)
-    conn = None
-    try:
-        conn = db.connect(kw)
-        result = run(module, conn)
-    except SteepError as exc:
-        module.fail_json(msg=str(exc), changed=False)
-    except db.psycopg2.Error as exc:
-        module.fail_json(msg="identity ranges on %s failed, nothing was changed: %s"
-                         % (db.describe(kw), str(exc).strip()), changed=False)
-    finally:
-        if conn is not None:
-            conn.close()
-    module.exit_json(**result)
+    run_on_node(module, run, "identity ranges (steep.repl.identity_range)")
 
 
 if __name__ == "__main__":

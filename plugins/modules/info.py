@@ -96,11 +96,11 @@ ddl_queue:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import nodes
-from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_node
 
 PEER_KEYS = ("host", "hostaddr", "port", "dbname", "user")
 
@@ -209,24 +209,9 @@ def gather(conn):
 
 def main():
     module = AnsibleModule(argument_spec=db.connection_argument_spec(), supports_check_mode=True)
-    if not db.HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2-binary"), exception=str(db.PSYCOPG2_IMPORT_ERROR))
-    kw = db.conn_params_from(module.params)
-    conn = None
-    try:
-        conn = db.connect(kw)
-        # Read-only in every mode: a read-only transaction guards against any write.
-        conn.set_session(readonly=True, autocommit=True)
-        result = gather(conn)
-    except SteepError as exc:
-        module.fail_json(msg=str(exc))
-    except db.psycopg2.Error as exc:
-        module.fail_json(msg="reading the steep.repl state of %s failed: %s"
-                         % (db.describe(kw), str(exc).strip().splitlines()[0]))
-    finally:
-        if conn is not None:
-            conn.close()
-    module.exit_json(**result)
+    # Read-only in every mode: a read-only session guards against any write.
+    run_on_node(module, lambda _module, conn: gather(conn), "reading the steep.repl state (steep.repl.info)",
+                readonly=True)
 
 
 if __name__ == "__main__":

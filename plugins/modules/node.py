@@ -108,11 +108,12 @@ diff:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import nodes
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_node
 
 
 def argument_spec():
@@ -157,31 +158,12 @@ def run(module, conn):
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True,
                            required_if=[("state", "present", ["node_host"])])
-    if not db.HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2-binary"), exception=str(db.PSYCOPG2_IMPORT_ERROR))
-    kw = db.conn_params_from(module.params)
-    conn = None
     try:
-        try:
-            db.validate_node_id(module.params["node_id"])
-        except SteepError as exc:
-            module.fail_json(msg=str(exc))
-        conn = db.connect(kw)
-        result = run(module, conn)
+        db.validate_node_id(module.params["node_id"])
     except SteepError as exc:
         module.fail_json(msg=str(exc))
-    except db.psycopg2.Error as exc:
-        diag = getattr(exc, "diag", None)
-        hint = getattr(diag, "message_hint", None) if diag else None
-        module.fail_json(msg="steep.repl.node %s failed on %s: %s%s" % (
-            module.params["node_id"], db.describe(kw), str(exc).strip().splitlines()[0],
-            (". Fix: " + hint) if hint else ""))
-    finally:
-        if conn is not None:
-            conn.close()
-    if module._diff:
-        result["diff"] = dict(before=result["before"] or {}, after=result["node"] or {})
-    module.exit_json(**result)
+    run_on_node(module, run, "steep.repl.node %s" % module.params["node_id"],
+                diff=lambda r: dict(before=r["before"] or {}, after=r["node"] or {}))
 
 
 if __name__ == "__main__":

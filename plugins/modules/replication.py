@@ -121,13 +121,11 @@ skipped_nodes:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.steep.repl.plugins.module_utils.db import (
-    HAS_PSYCOPG2, PSYCOPG2_IMPORT_ERROR, SteepError)
 from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
-from ansible_collections.steep.repl.plugins.module_utils.replication import (
-    PUBLICATION, ensure_mesh, redact)
+from ansible_collections.steep.repl.plugins.module_utils.replication import PUBLICATION, ensure_mesh
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_mesh
 
 
 def main():
@@ -142,22 +140,9 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
-    p = module.params
-    secrets = [n.get("password") for n in p["nodes"] if n.get("password")]
-    try:
-        result = ensure_mesh(p["nodes"], tables=p["tables"], schemas=p["schemas"], excluded=p["exclude"],
-                             publication=p["publication"], check_mode=module.check_mode,
-                             lock_timeout=p["lock_timeout"])
-    except SteepError as exc:
-        module.fail_json(msg=redact(str(exc), secrets), queries=getattr(exc, "queries", []))
-    for w in result.pop("warnings"):
-        module.warn(w)
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    run_on_mesh(module, lambda m: ensure_mesh(
+        m.params["nodes"], tables=m.params["tables"], schemas=m.params["schemas"], excluded=m.params["exclude"],
+        publication=m.params["publication"], check_mode=m.check_mode, lock_timeout=m.params["lock_timeout"]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join([str(ROOT / "agent"), str(ROOT / ".collections")])
 
 
+def agent_cmd():
+    """How tests start the agent: ``python -m steep_repl_agent``, under ``coverage run`` when `make test`
+    collects coverage (STEEP_MODULE_COVERAGE); the agent stops gracefully on SIGTERM, so the data is saved."""
+    out = os.environ.get("STEEP_MODULE_COVERAGE")
+    if not out:
+        return [sys.executable, "-m", "steep_repl_agent"]
+    rc = Path(out) / "agent.coveragerc"
+    if not rc.exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        rc.write_text("[run]\nparallel = True\nsigterm = True\ndata_file = %s\ninclude =\n    */steep_repl_agent/*\n"
+                      "    */ansible_collections/steep/repl/plugins/*\n" % (Path(out) / ".coverage.agent"))
+    return [sys.executable, "-m", "coverage", "run", "--rcfile", str(rc), "-m", "steep_repl_agent"]
+
+
 def agent_env(extra=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = PYTHONPATH + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -73,7 +87,7 @@ def make_configs(tmp, lab, interval="0.5s", timeout="2s", threshold=2, mode="mes
 
 
 def cli(config, *args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "steep_repl_agent", "--config", str(config)] + list(args),
+    return subprocess.run(agent_cmd() + ["--config", str(config)] + list(args),
                           capture_output=True, text=True, env=agent_env(env), timeout=timeout, check=False)
 
 
@@ -90,8 +104,8 @@ class AgentProc:
     def start(self, netns=None):
         self.log = open(self.log_path, "a")
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.proc = subprocess.Popen(prefix + [sys.executable, "-m", "steep_repl_agent", "--config", str(self.config), "agent",
-                                               "run"], stdout=self.log, stderr=self.log, env=agent_env(self.env))
+        self.proc = subprocess.Popen(prefix + agent_cmd() + ["--config", str(self.config), "agent", "run"],
+                                     stdout=self.log, stderr=self.log, env=agent_env(self.env))
         return self
 
     def get(self, path, timeout=5):
