@@ -13,7 +13,9 @@ RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
         ('PREPARING', 'FAILED'), ('COPYING', 'FAILED'), ('CATCHING_UP', 'FAILED'),
         ('REINITIALIZING', 'FAILED'), ('UNINITIALIZED', 'FAILED'), ('SYNCHRONIZED', 'FAILED'),
         ('DIVERGED', 'FAILED'), ('COPYING', 'PREPARING'), ('CATCHING_UP', 'PREPARING'),
-        ('CATCHING_UP', 'COPYING'))
+        ('CATCHING_UP', 'COPYING'),
+        -- reinit of a wired node (a mesh built by site.yml leaves its nodes UNINITIALIZED)
+        ('UNINITIALIZED', 'REINITIALIZING'), ('REINITIALIZING', 'CATCHING_UP'))
 $$;
 
 -- Move a node to a new init state; every transition is written to audit_log.

@@ -24,11 +24,13 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
+import re
 import threading
 import time
 
+from ansible_collections.steep.repl.plugins.module_utils import schemasync
 from ansible_collections.steep.repl.plugins.module_utils.db import (
-    SteepError, connect, fetch_all, fetch_value, quote_ident,
+    SteepError, connect, fetch_all, fetch_one, fetch_value, quote_ident,
 )
 
 PROGRESS_EVERY_ROWS = 5000
@@ -156,9 +158,12 @@ def copy_table(source_kw, target_kw, schema, name, on_progress=None, replace=Fal
                 tbl = "%s.%s" % (schema, name)
                 dcur.execute("DELETE FROM steep_repl.row_version WHERE tbl = %s", (tbl,))
                 vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
+                if not origin:  # a plain copy: row_version's REPLICA trigger would only return each row unchanged
+                    dcur.execute("SET LOCAL session_replication_role = origin")
                 _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols,
                                                  (tbl,)).decode(),
                         "COPY steep_repl.row_version (%s) FROM STDIN" % vcols)
+                dcur.execute("SET LOCAL session_replication_role = replica")
             if origin:
                 dcur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
         dst.commit()
@@ -169,6 +174,64 @@ def copy_table(source_kw, target_kw, schema, name, on_progress=None, replace=Fal
     finally:
         src.close()
         dst.close()
+
+
+def reconcile_copy_table(source_kw, target_kw, schema, name, source_node, on_progress=None):
+    """existing_data=reconcile: merge one table of a joining (not yet wired) target with the
+    source's rows and versions, in ONE source snapshot and ONE target transaction
+    (``steep_repl.reconcile_table`` decides). Returns (rows read from the source, counts)."""
+    qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
+    src = connect(source_kw, autocommit=False)
+    dst = connect(target_kw, autocommit=False)
+    try:
+        with src.cursor() as scur, dst.cursor() as dcur:
+            scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
+            vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
+            dcur.execute("CREATE TEMP TABLE steep_rec_rows ON COMMIT DROP AS SELECT %s, NULL::timestamptz AS steep_ts "
+                         "FROM %s WITH NO DATA" % (cols, qual))
+            dcur.execute("CREATE TEMP TABLE steep_rec_versions ON COMMIT DROP AS SELECT %s FROM steep_repl.row_version "
+                         "WITH NO DATA" % vcols)
+            rows = _stream(scur, dcur,
+                           "SELECT %s, CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean THEN "
+                           "pg_catalog.pg_xact_commit_timestamp(steep_x.xmin) END FROM %s steep_x" % (cols, qual),
+                           "COPY pg_temp.steep_rec_rows (%s, steep_ts) FROM STDIN" % cols, on_progress)
+            tbl = "%s.%s" % (schema, name)
+            _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode(),
+                    "COPY pg_temp.steep_rec_versions (%s) FROM STDIN" % vcols)
+            dcur.execute("SELECT steep_repl.reconcile_table(%s::regclass, %s)", (qual, source_node))
+            counts = dcur.fetchone()[0]
+        src.rollback()
+        dst.commit()
+        return rows, counts
+    except Exception:
+        dst.rollback()
+        raise
+    finally:
+        src.close()
+        dst.close()
+
+
+def push_reconciled(target_kw, attempts=5):
+    """Write the target's queued rows (steep_repl.reconcile_push) again as local writes, table by
+    table; a deadlock with an apply worker (the local write is the victim) is retried."""
+    import psycopg2
+    conn = connect(target_kw)
+    pushed = 0
+    try:
+        for tbl in [r["tbl"] for r in fetch_all(conn, "SELECT DISTINCT tbl FROM steep_repl.reconcile_push ORDER BY 1")]:
+            for attempt in range(attempts):
+                try:
+                    pushed += fetch_value(conn, "SELECT steep_repl.reconcile_push_table(%s)", (tbl,))
+                    break
+                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure):
+                    if attempt == attempts - 1:
+                        raise
+                    time.sleep(0.2)
+    finally:
+        conn.close()
+    return pushed
 
 
 def ensure_origin(conn, name):
@@ -213,7 +276,7 @@ class ProgressTable:
 
 
 def copy_tables(source_kw, target_kw, tables, target_node, source_node,
-                parallel_workers=4, report=None, replace=False, keep_done=False):
+                parallel_workers=4, report=None, replace=False, keep_done=False, reconcile=False):
     """Copy ``tables`` ([(schema, name, est_rows, bytes)]) and their row versions.
 
     Returns {"tables": n, "rows": total, "seconds": s, "per_table": {...}}. ``report``
@@ -224,6 +287,7 @@ def copy_tables(source_kw, target_kw, tables, target_node, source_node,
     progress = ProgressTable(target_kw, target_node, source_node)
     started = time.monotonic()
     results = {}
+    reconciled = {}
     failures = []
     queue = list(tables)
     qlock = threading.Lock()
@@ -245,7 +309,11 @@ def copy_tables(source_kw, target_kw, tables, target_node, source_node,
                 def on_progress(rows, schema=schema, name=name):
                     progress.update(schema, name, rows_copied=rows)
                     maybe_report()
-                rows = copy_table(source_kw, target_kw, schema, name, on_progress, replace=replace)
+                if reconcile:
+                    rows, reconciled["%s.%s" % (schema, name)] = reconcile_copy_table(
+                        source_kw, target_kw, schema, name, source_node, on_progress)
+                else:
+                    rows = copy_table(source_kw, target_kw, schema, name, on_progress, replace=replace)
                 progress.update(schema, name, status="done", rows_copied=rows, rows_total=rows, finished_at="now")
                 results["%s.%s" % (schema, name)] = rows
             except Exception as exc:
@@ -267,8 +335,11 @@ def copy_tables(source_kw, target_kw, tables, target_node, source_node,
         status = progress.status()
     finally:
         progress.close()
-    return {"tables": len(results), "rows": sum(results.values()), "per_table": results,
-            "seconds": round(time.monotonic() - started, 3), "status": status}
+    out = {"tables": len(results), "rows": sum(results.values()), "per_table": results,
+           "seconds": round(time.monotonic() - started, 3), "status": status}
+    if reconcile:
+        out["reconciled"] = reconciled
+    return out
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -333,7 +404,7 @@ def create_slot(conn, name, recreate=False):
 RESUMABLE = ("PREPARING", "COPYING", "FAILED", "REINITIALIZING")
 
 
-def _members(specs, target, source):
+def _members(specs, target, source, verb="initialise"):
     from ansible_collections.steep.repl.plugins.module_utils.replication import build_members
     members = build_members(specs)
     by_id = {m.node_id: m for m in members}
@@ -342,7 +413,7 @@ def _members(specs, target, source):
             raise SteepError("%s node %r is not in the mesh inventory (nodes: %s). Fix: add it to steep_nodes "
                              "and pass its steep_node_id." % (role, node, ", ".join(sorted(by_id))))
     if target == source:
-        raise SteepError("target and source are both %r. Fix: initialise a new node FROM another node." % target)
+        raise SteepError("target and source are both %r. Fix: %s a node FROM another node." % (target, verb))
     return members, by_id
 
 
@@ -374,7 +445,7 @@ def compare(source, target, tables):
 
 
 def prepare(specs, target, source, tables=None, schemas=None, excluded=None, schema_sync="strict",
-            method="snapshot", check_mode=False):
+            method="snapshot", check_mode=False, existing_data="fail"):
     """Step 1 (see module docstring). Returns a result dict; raises SteepError (state FAILED)."""
     from ansible_collections.steep.repl.plugins.module_utils.replication import (
         Mesh, candidate_catalog, candidate_schemas, resolve_tables, slot_name, subscription_name)
@@ -402,34 +473,23 @@ def prepare(specs, target, source, tables=None, schemas=None, excluded=None, sch
                     "msg": "%s is already initialised and in the mesh" % target}
         desired = resolve_tables({source: candidate_catalog(src.conn, candidate_schemas(tables, schemas))},
                                  tables, schemas, excluded)
-        diffs = compare(src, tgt, desired)
-        if diffs:
-            text = "; ".join("%s: %s" % (d["table_name"], d["difference"]) for d in diffs)
-            if schema_sync == "manual":
-                warnings.append("schemas differ (schema_sync=manual, continuing): " + text)
-            else:
-                reason = ("schema of %s differs from %s: %s. Fix: make the target's tables identical "
-                          "(same columns, types, defaults, nullability)%s, then re-run."
-                          % (target, source, text,
-                             "" if schema_sync == "strict" else
-                             " — schema_sync=auto creates missing tables but does not alter existing ones"))
-                creatable = [d["table_name"] for d in diffs if d["status"] == "missing_on_target"]
-                if schema_sync == "auto" and len(creatable) == len(diffs):
-                    if not check_mode:
-                        create_missing_tables(src, tgt, creatable)
-                    warnings.append("schema_sync=auto created on %s: %s" % (target, ", ".join(creatable)))
-                else:
-                    if not check_mode:
-                        set_state_everywhere(members, target, "FAILED", reason)
-                    raise SteepError(reason)
-        nonempty = [] if check_mode and tgt_state == "UNINITIALIZED" and diffs else nonempty_tables(tgt.conn, [
-            t for t in desired if t not in [d["table_name"] for d in diffs if d["status"] == "missing_on_target"]])
+        sync = schemasync.sync(src.conn, tgt.conn, desired, schema_sync, check_mode, target_id=target, source_id=source)
+        warnings.extend(sync["warnings"])
+        if sync["failed"]:
+            if not check_mode:
+                set_state_everywhere(members, target, "FAILED", sync["failed"])
+            raise SteepError(sync["failed"])
+        if not check_mode:
+            compare(src, tgt, desired)  # fingerprints of both nodes as they are now (peer_fingerprints, compare_schemas)
+        absent = [t for t in desired if fetch_value(tgt.conn, "SELECT pg_catalog.to_regclass(%s) IS NULL", (t,))]
+        nonempty = nonempty_tables(tgt.conn, [t for t in desired if t not in absent])
         progress = fetch_all(tgt.conn, "SELECT table_schema || '.' || table_name AS t, status FROM "
                                        "steep_repl.init_progress WHERE target_node = %s", (target,))
         resumable = tgt_state in RESUMABLE and progress
-        if method == "snapshot" and nonempty and not resumable:
+        if method == "snapshot" and nonempty and not resumable and existing_data != "reconcile":
             reason = ("target %s is not empty (%s hold rows): a snapshot init copies into empty tables. Fix: empty "
-                      "them (TRUNCATE) or use the manual method for a restored backup." % (target, ", ".join(nonempty)))
+                      "them (TRUNCATE), merge them with -e steep_init_existing_data=reconcile, or use the manual "
+                      "method for a restored backup." % (target, ", ".join(nonempty)))
             if not check_mode:
                 set_state_everywhere(members, target, "FAILED", reason)
             raise SteepError(reason)
@@ -455,32 +515,7 @@ def prepare(specs, target, source, tables=None, schemas=None, excluded=None, sch
                 "queries": queries, "warnings": warnings, "slot_lsns": lsns, "source_slot_lsn": lsns[source]}
 
 
-def create_missing_tables(src, tgt, tables):
-    """schema_sync=auto: create tables missing on the target from the source's definition."""
-    import subprocess
-    bindir = fetch_value(src.conn, "SELECT setting FROM pg_catalog.pg_config() WHERE name = 'BINDIR'")
-    pg_dump = os.path.join(bindir or "", "pg_dump")
-    if not os.access(pg_dump, os.X_OK):
-        raise SteepError("schema_sync=auto needs pg_dump next to the source server (%s). Fix: create the tables "
-                         "on the target by hand or run the init from a host with pg_dump." % pg_dump)
-    kw = src.conn_kw()
-    cmd = [pg_dump, "--schema-only", "--no-owner", "--no-privileges", "-h", kw["host"], "-p", str(kw["port"]),
-           "-U", kw["user"], "-d", kw["dbname"]]
-    for t in tables:
-        cmd += ["-t", t]
-    env = dict(os.environ)
-    if kw.get("password"):
-        env["PGPASSWORD"] = kw["password"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise SteepError("pg_dump of %s failed: %s" % (", ".join(tables), res.stderr.strip()))
-    ddl = "\n".join(line for line in res.stdout.splitlines()
-                    if not line.startswith("SELECT pg_catalog.set_config('search_path'"))
-    with tgt.conn.cursor() as cur:
-        cur.execute(ddl)
-
-
-def copy(specs, target, source, tables, parallel_workers=4, report=None):
+def copy(specs, target, source, tables, parallel_workers=4, report=None, existing_data="fail"):
     """Step 2: copy the tables not yet done (resumable)."""
     members, by_id = _members(specs, target, source)
     src, tgt = by_id[source], by_id[target]
@@ -500,7 +535,7 @@ def copy(specs, target, source, tables, parallel_workers=4, report=None):
         sconn.close()
     try:
         result = copy_tables(src.conn_kw(), tgt.conn_kw(), todo, target, source, parallel_workers, report,
-                             replace=True, keep_done=True)
+                             replace=True, keep_done=True, reconcile=existing_data == "reconcile")
     except Exception as exc:
         reason = "copy from %s failed: %s. Fix the cause and run playbooks/init_node.yml again (it resumes)." % (
             source, str(exc).strip())
@@ -535,23 +570,64 @@ def finish(specs, target, source, tables=None, schemas=None, excluded=None, time
             emit_and_wait_flushed(conn, m.node_id, slot_name(target), timeout)
         finally:
             conn.close()
+    pushed = 0
+    tconn = connect(by_id[target].conn_kw())
+    try:
+        if fetch_value(tconn, "SELECT pg_catalog.to_regclass('steep_repl.reconcile_push') IS NOT NULL "
+                              "AND EXISTS (SELECT 1 FROM steep_repl.reconcile_push)"):
+            # existing_data=reconcile: the target's own rows reach every node now
+            try:
+                pushed = push_reconciled(by_id[target].conn_kw())
+                for m in members:
+                    if m.node_id != target:
+                        emit_and_wait_flushed(tconn, target, slot_name(m.node_id), timeout)
+            except Exception as exc:
+                reason = ("%s joined, but writing its reconciled rows to the mesh failed: %s. Fix the cause and run "
+                          "playbooks/init_node.yml again (it resumes here)." % (target, str(exc).strip()))
+                set_state_everywhere(members, target, "FAILED", reason)
+                raise SteepError(reason)
+    finally:
+        tconn.close()
     set_state_everywhere(members, target, "SYNCHRONIZED")
-    return {"changed": True, "state": "SYNCHRONIZED", "queries": mesh["queries"], "tables": mesh["tables"]}
+    return {"changed": True, "state": "SYNCHRONIZED", "queries": mesh["queries"], "tables": mesh["tables"],
+            "reconciled_rows_pushed": pushed}
+
+
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
 def advance_source_slot(specs, target, source, source_lsn):
-    """Manual init: the backup contains everything up to ``source_lsn``; skip it in the slot."""
+    """Manual init: the backup contains everything up to ``source_lsn``; skip it in the slot.
+
+    Refused, nothing changed: not an LSN; ahead of the source's WAL (the slot would skip changes
+    the backup cannot hold); before the slot's start while the target is still PREPARING (the
+    backup predates the prepare step: what was committed in between is in neither)."""
     from ansible_collections.steep.repl.plugins.module_utils.replication import slot_name
+    if not LSN_RE.match(str(source_lsn or "")):
+        raise SteepError("source_lsn %r is not an LSN (like 0/1A2B3C4D). Fix: pass the LSN read on %s with "
+                         "SELECT pg_current_wal_lsn() just before the backup started." % (source_lsn, source))
     _members_list, by_id = _members(specs, target, source)
+    slot = slot_name(target)
     conn = connect(by_id[source].conn_kw())
     try:
-        row = fetch_all(conn, "SELECT confirmed_flush_lsn::text AS lsn, confirmed_flush_lsn < %s::pg_lsn AS behind "
-                              "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s", (source_lsn, slot_name(target)))
+        row = fetch_one(conn, "SELECT confirmed_flush_lsn::text AS slot_lsn, pg_catalog.pg_current_wal_lsn()::text AS wal, "
+                              "%s::pg_lsn > pg_catalog.pg_current_wal_lsn() AS ahead, %s::pg_lsn < confirmed_flush_lsn AS before, "
+                              "confirmed_flush_lsn < %s::pg_lsn AS behind FROM pg_catalog.pg_replication_slots "
+                              "WHERE slot_name = %s", (source_lsn, source_lsn, source_lsn, slot))
         if not row:
-            raise SteepError("no slot %s on %s: run the prepare step first." % (slot_name(target), source))
-        if row[0]["behind"]:
+            raise SteepError("no slot %s on %s: run the prepare step first (playbooks/init_manual_prepare.yml)." % (slot, source))
+        if row["ahead"]:
+            raise SteepError("source_lsn %s is ahead of %s's WAL (now at %s): no backup can be consistent there, and the "
+                             "slot would skip changes the backup does not hold. Fix: pass the LSN read on %s with "
+                             "SELECT pg_current_wal_lsn() just before the backup started." % (source_lsn, source, row["wal"], source))
+        if row["before"] and init_state(conn, target) == "PREPARING":
+            raise SteepError("source_lsn %s is before the start of slot %s on %s (%s): the backup was taken before the "
+                             "prepare step, so what was committed in between is in neither. Fix: take a new backup after "
+                             "init_manual_prepare.yml (LSN at or after %s), restore it on %s and run this again."
+                             % (source_lsn, slot, source, row["slot_lsn"], row["slot_lsn"], target))
+        if row["behind"]:
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_catalog.pg_replication_slot_advance(%s, %s::pg_lsn)", (slot_name(target), source_lsn))
+                cur.execute("SELECT pg_catalog.pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, source_lsn))
             return True
         return False
     finally:
@@ -562,3 +638,221 @@ def status(conn, target=None):
     rows = fetch_all(conn, "SELECT * FROM steep_repl.init_status" + (" WHERE target_node = %s" if target else ""),
                      (target,) if target else None)
     return rows
+
+
+# --------------------------------------------------------------------------- reinit (seed 6.4)
+REINIT_ORIGIN = "steep_reinit"
+REINIT_FROM = ("SYNCHRONIZED", "UNINITIALIZED", "DIVERGED", "FAILED", "REINITIALIZING")
+
+
+def reinit_selection(desired, reinit_tables=None, reinit_schema=None, full=False):
+    """The replicated tables a reinit replaces: exactly one of tables / schema / full."""
+    from ansible_collections.steep.repl.plugins.module_utils.replication import normalize_table
+    given = [bool(reinit_tables), bool(reinit_schema), bool(full)]
+    if sum(given) != 1:
+        raise SteepError("choose exactly one of steep_reinit_tables (a list), steep_reinit_schema or "
+                         "steep_reinit_full=true (got %s). Fix: pass one of them."
+                         % (", ".join(n for n, g in zip(("tables", "schema", "full"), given) if g) or "none"))
+    if full:
+        if not desired:
+            raise SteepError("no table is replicated, nothing to reinitialise. Fix: set steep_replicated_tables.")
+        return list(desired)
+    if reinit_schema:
+        chosen = [t for t in desired if t.split(".", 1)[0] == reinit_schema]
+        if not chosen:
+            raise SteepError("schema %s holds no replicated table (replicated: %s). Fix: name a schema of "
+                             "steep_replicated_tables / steep_replicated_schemas." % (reinit_schema, ", ".join(desired)))
+        return chosen
+    chosen = sorted(set(normalize_table(t, "steep_reinit_tables") for t in reinit_tables))
+    unknown = [t for t in chosen if t not in desired]
+    if unknown:
+        raise SteepError("%s %s not replicated (replicated: %s). Fix: reinitialise replicated tables only, or add "
+                         "them to steep_replicated_tables and run playbooks/site.yml first."
+                         % (", ".join(unknown), "is" if len(unknown) == 1 else "are", ", ".join(desired)))
+    return chosen
+
+
+def _subscription_workers(conn):
+    return fetch_value(conn, r"SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname LIKE 'steep\_from\_%%' "
+                             "AND pid IS NOT NULL")
+
+
+def pause_subscriptions(conn, names, timeout=60):
+    """Disable the target's incoming subscriptions and wait until their apply workers are gone."""
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute("ALTER SUBSCRIPTION %s DISABLE" % quote_ident(n))
+    deadline = time.monotonic() + timeout
+    while _subscription_workers(conn):
+        if time.monotonic() > deadline:
+            raise SteepError("the apply workers of the target did not stop within %ss after ALTER SUBSCRIPTION "
+                             "DISABLE. Fix: check pg_stat_subscription on the target, then re-run." % timeout)
+        time.sleep(0.1)
+
+
+def resume_subscriptions(conn, names):
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute("ALTER SUBSCRIPTION %s ENABLE" % quote_ident(n))
+
+
+def reinit_table(source_kw, target_kw, schema, name, marker, on_progress=None, lock_timeout=120):
+    """Replace one table's rows and versions on a live target with the source's, in ONE source
+    snapshot and ONE target transaction (all or nothing).
+
+    On the target: the table is locked EXCLUSIVE (its local writers wait, readers go on), then
+    ``marker()`` makes sure the source has applied every earlier write of the target, then the
+    source's rows and versions are staged in temp tables and swapped in by
+    ``steep_repl._reinit_swap`` under the replication origin ``steep_reinit`` (peers subscribed with
+    origin = none never receive the rewrite). Returns the number of rows copied.
+    """
+    qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
+    src = connect(source_kw, autocommit=False)
+    dst = connect(target_kw, autocommit=False)
+    try:
+        with src.cursor() as scur, dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            dcur.execute("SET LOCAL lock_timeout = %s", ("%ds" % lock_timeout,))
+            dcur.execute("LOCK TABLE %s IN EXCLUSIVE MODE" % qual)
+            dcur.execute("SET LOCAL lock_timeout = 0")
+            marker()
+            scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
+            vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
+            dcur.execute("CREATE TEMP TABLE steep_reinit_rows ON COMMIT DROP AS SELECT %s FROM %s WITH NO DATA" % (cols, qual))
+            dcur.execute("CREATE TEMP TABLE steep_reinit_versions ON COMMIT DROP AS SELECT %s FROM steep_repl.row_version "
+                         "WITH NO DATA" % vcols)
+            rows = _stream(scur, dcur, "SELECT %s FROM %s" % (cols, qual),
+                           "COPY pg_temp.steep_reinit_rows (%s) FROM STDIN" % cols, on_progress)
+            tbl = "%s.%s" % (schema, name)
+            _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode(),
+                    "COPY pg_temp.steep_reinit_versions (%s) FROM STDIN" % vcols)
+            dcur.execute("CREATE TEMP TABLE steep_reinit_go (tbl text, qual text, cols text, vcols text) ON COMMIT DROP")
+            dcur.execute("CREATE TRIGGER steep_reinit_go AFTER INSERT ON pg_temp.steep_reinit_go FOR EACH ROW "
+                         "EXECUTE FUNCTION steep_repl._reinit_swap()")
+            dcur.execute("ALTER TABLE pg_temp.steep_reinit_go ENABLE ALWAYS TRIGGER steep_reinit_go")
+            dcur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (REINIT_ORIGIN,))
+            dcur.execute("INSERT INTO pg_temp.steep_reinit_go VALUES (%s, %s, %s, %s)", (tbl, qual, cols, vcols))
+        src.rollback()
+        dst.commit()
+        return rows
+    except Exception:
+        dst.rollback()
+        raise
+    finally:
+        src.close()
+        dst.close()  # also releases the replication origin of the session
+
+
+def reinit(specs, target, source, tables=None, schemas=None, excluded=None, reinit_tables=None,
+           reinit_schema=None, full=False, check_mode=False, timeout=600):
+    """Reinitialise chosen tables of a live member from another member (docs/node-init.md).
+
+    Returns a result dict; bad input raises SteepError before anything is written; a failure
+    during the copy leaves the target FAILED with the reason (a re-run recovers)."""
+    from ansible_collections.steep.repl.plugins.module_utils.replication import (
+        Mesh, candidate_catalog, candidate_schemas, resolve_tables, slot_name, subscription_name)
+    members, by_id = _members(specs, target, source, verb="reinitialise")
+    src, tgt = by_id[source], by_id[target]
+    others = [m for m in members if m.node_id not in (source, target)]
+    with Mesh(members, check_mode=check_mode) as mesh:
+        states = mesh.observe()
+        for role, node in (("target", target), ("source", source)):
+            missing = [m.node_id for m in members
+                       if m.node_id != node and subscription_name(m.node_id) not in states[node]["subscriptions"]]
+            if missing:
+                raise SteepError("%s %s is not in the mesh (no subscription from %s), so it cannot be %s. Fix: %s"
+                                 % (role, node, ", ".join(missing),
+                                    "reinitialised" if role == "target" else "a reinit source",
+                                    "add it with playbooks/init_node.yml." if role == "target" else
+                                    "choose a SYNCHRONIZED member as steep_reinit_source."))
+        src_state = init_state(src.conn, source)
+        if src_state not in ("SYNCHRONIZED", "UNINITIALIZED"):
+            raise SteepError("source %s is %s, not SYNCHRONIZED: its data is not a trustworthy copy. Fix: choose a "
+                             "SYNCHRONIZED member as steep_reinit_source." % (source, src_state))
+        tgt_state = init_state(tgt.conn, target)
+        if tgt_state not in REINIT_FROM:
+            raise SteepError("target %s is %s (an initialisation is running or unfinished). Fix: finish it with "
+                             "playbooks/init_node.yml first." % (target, tgt_state))
+        desired = resolve_tables({source: candidate_catalog(src.conn, candidate_schemas(tables, schemas))},
+                                 tables, schemas, excluded)
+        chosen = reinit_selection(desired, reinit_tables, reinit_schema, full)
+        diffs = compare(src, tgt, chosen)
+        if diffs:
+            raise SteepError("schema of %s differs from %s: %s. Nothing was changed. Fix: make the tables identical "
+                             "(same columns, types, defaults, nullability), then re-run."
+                             % (target, source, "; ".join("%s: %s" % (d["table_name"], d["difference"]) for d in diffs)))
+        subs = sorted(subscription_name(m.node_id) for m in members if m.node_id != target)
+        queries = ["/* %s */ ALTER SUBSCRIPTION %s DISABLE" % (target, s) for s in subs]
+        queries += ["/* %s */ LOCK TABLE %s IN EXCLUSIVE MODE; -- replaced by the rows and versions of %s"
+                    % (target, t, source) for t in chosen]
+        queries += ["/* %s */ ALTER SUBSCRIPTION %s ENABLE" % (target, s) for s in subs]
+        result = {"changed": True, "state": tgt_state, "tables": chosen, "queries": queries}
+        if check_mode:
+            return result
+        sizes = table_sizes(src.conn, chosen)
+        set_state_everywhere(members, target, "REINITIALIZING",
+                             "reinit of %s from %s" % (", ".join(chosen), source))
+        ensure_origin(tgt.conn, REINIT_ORIGIN)
+        progress = ProgressTable(tgt.conn_kw(), target, source)
+        copied, failure, resume_error = {}, None, None
+        try:
+            progress.start(sizes)
+            pause_subscriptions(tgt.conn, subs)
+            for p in others:  # the source holds everything the target received from p
+                emit_and_wait_flushed(p.conn, p.node_id, slot_name(source), timeout)
+            for schema, name, _est, _size in sizes:
+                t = "%s.%s" % (schema, name)
+                progress.update(schema, name, status="copying", started_at="now")
+
+                def on_progress(rows, schema=schema, name=name):
+                    progress.update(schema, name, rows_copied=rows)
+
+                try:
+                    copied[t] = reinit_table(src.conn_kw(), tgt.conn_kw(), schema, name,
+                                             lambda: emit_and_wait_flushed(tgt.conn, target, slot_name(source), timeout),
+                                             on_progress)
+                except Exception as exc:
+                    try:
+                        progress.update(schema, name, status="failed", error_message=str(exc)[:1000])
+                    except Exception:  # the target itself may be gone
+                        pass
+                    raise
+                progress.update(schema, name, status="done", rows_copied=copied[t], rows_total=copied[t],
+                                finished_at="now")
+        except Exception as exc:
+            failure = exc
+        finally:
+            try:
+                resume_subscriptions(tgt.conn, subs)
+            except Exception as exc:  # the target itself is gone
+                resume_error = exc
+            try:
+                status_row = progress.status()
+                progress.close()
+            except Exception:
+                status_row = None
+        if failure is not None or resume_error is not None:
+            reason = "reinit of %s from %s failed: %s%s Fix the cause and run playbooks/reinit_node.yml again." % (
+                ", ".join(chosen), source, str(failure or resume_error).strip().rstrip("."),
+                ". The subscriptions of %s stay disabled until then (or playbooks/site.yml re-enables them)." % target
+                if resume_error is not None else ".")
+            set_state_everywhere(members, target, "FAILED", reason)
+            raise SteepError(reason)
+        set_state_everywhere(members, target, "CATCHING_UP")
+        try:
+            for p in others + [src]:
+                emit_and_wait_flushed(p.conn, p.node_id, slot_name(target), timeout)
+        except Exception as exc:
+            reason = ("reinit of %s from %s: the copy is done but %s did not catch up: %s Fix the cause and run "
+                      "playbooks/reinit_node.yml again." % (", ".join(chosen), source, target, str(exc).strip()))
+            set_state_everywhere(members, target, "FAILED", reason)
+            raise SteepError(reason)
+        set_state_everywhere(members, target, "SYNCHRONIZED")
+        try:  # tidy: the sessions that used the origin are closed
+            with tgt.conn.cursor() as cur:
+                cur.execute("SELECT pg_catalog.pg_replication_origin_drop(%s)", (REINIT_ORIGIN,))
+        except Exception:
+            pass
+        result.update(state="SYNCHRONIZED", rows=sum(copied.values()), per_table=copied, progress=status_row)
+        return result
