@@ -254,10 +254,14 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Tables
 -- ---------------------------------------------------------------------------------------------
+-- The functions that look rows up by key run with SET enable_seqscan = off: PL/pgSQL caches a generic
+-- plan per session, and one planned while a table was empty (a sequential scan) would stay in the
+-- apply worker while the table grows, making every lookup of a bulk load scan the table.
 
 -- One row per replicated key: the version the local row currently holds (or a tombstone).
--- Published together with the user tables; origins write it with DELETE + INSERT so that a
--- receiver never sees an UPDATE for a version row it does not have.
+-- Published together with the user tables. An origin replaces its OWN version of a key in place
+-- (one UPDATE: every receiver holds a version row of that key) and another node's version with
+-- DELETE + INSERT (a receiver may not have it yet and would drop an UPDATE as update_missing).
 CREATE TABLE IF NOT EXISTS steep_repl.row_version (
     tbl        TEXT NOT NULL,            -- 'schema.table'
     pk         TEXT NOT NULL,            -- pg_catalog.jsonb_build_array(pk1, pk2, ...)::text
@@ -316,7 +320,9 @@ ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS resolved_tuple JSON
 ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS reverts BIGINT;        -- this row reverts that id
 ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS reverted_by BIGINT;
 ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS note TEXT;
-CREATE INDEX IF NOT EXISTS conflict_log_key_idx ON steep_repl.conflict_log (table_schema, table_name, pk);
+-- (a key index existed here; the PENDING lookups use the seed's partial index conflict_log_pending_idx,
+-- and one index less makes every logged conflict cheaper)
+DROP INDEX IF EXISTS steep_repl.conflict_log_key_idx;
 
 DO $$
 BEGIN
@@ -449,7 +455,7 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION steep_repl._capture(p_tbl TEXT, p_pk TEXT, p_deleted BOOLEAN, p_img JSONB,
                                                p_insert BOOLEAN DEFAULT false)
-RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $$
 DECLARE
     l steep_repl.row_version;
     v_me TEXT := steep_repl.local_node_id();
@@ -460,9 +466,12 @@ BEGIN
         RAISE EXCEPTION 'steep_repl: this node is not registered (no steep_repl.nodes row with is_local)'
             USING HINT = 'Fix: run the foundation play (playbooks/steep_foundation.yml) before writing to replicated tables.';
     END IF;
-    -- in a deadlock with an apply worker (deadlock_timeout 5s there) this session must be the victim
-    IF pg_catalog.current_setting('deadlock_timeout') <> '100ms' THEN
-        PERFORM pg_catalog.set_config('deadlock_timeout', '100ms', true);
+    -- in a deadlock with an apply worker (deadlock_timeout 5s there) this session must be the victim.
+    -- 1s, not less: PostgreSQL checks for a deadlock ONCE per lock wait, so a check that runs before a
+    -- cycle closes (e.g. two apply workers and this session, the last edge added a few hundred ms
+    -- later on a busy machine) finds nothing, and an apply worker detects the cycle at its 5s instead.
+    IF pg_catalog.current_setting('deadlock_timeout') <> '1s' THEN
+        PERFORM pg_catalog.set_config('deadlock_timeout', '1s', true);
     END IF;
     FOR i IN 1..5 LOOP
         l := NULL;
@@ -471,7 +480,24 @@ BEGIN
         IF v_found AND p_insert AND NOT l.deleted THEN
             RETURN;     -- the key exists: this INSERT fails or becomes ON CONFLICT DO UPDATE/NOTHING
         END IF;
+        IF v_found AND l.ver_node = v_me THEN
+            -- every receiver holds a version row of this key (it received l, or its copy holds it):
+            -- one UPDATE in place; receivers decide it in the trigger on OLD (fast path: no decision at all)
+            UPDATE steep_repl.row_version v
+               SET ver_ts = GREATEST(pg_catalog.clock_timestamp(), l.ver_ts + interval '1 microsecond'),
+                   depth = l.depth + 1,
+                   epoch = CASE WHEN l.deleted AND NOT p_deleted THEN l.epoch + 1 ELSE l.epoch END,
+                   deleted = p_deleted, base_ts = l.ver_ts, base_node = l.ver_node,
+                   origin_xid = pg_catalog.txid_current(), forced = v_forced,
+                   gen = l.gen + CASE WHEN v_forced THEN 1 ELSE 0 END,
+                   op = CASE WHEN p_deleted THEN 'D' WHEN l.deleted THEN 'I' ELSE 'U' END,
+                   img = CASE WHEN p_deleted THEN NULL ELSE p_img END
+             WHERE v.tbl = p_tbl AND v.pk = p_pk;
+            RETURN;
+        END IF;
         IF v_found THEN
+            -- the local version came from another node: a receiver may not have it yet (3+ nodes,
+            -- different paths) and would drop an UPDATE as update_missing without firing a trigger
             DELETE FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk;
         END IF;
         INSERT INTO steep_repl.row_version (tbl, pk, ver_ts, ver_node, depth, epoch, deleted, base_ts, base_node,
@@ -567,8 +593,9 @@ BEGIN
     RETURN r.depth > l.depth;
 END $$;
 
+-- (no SET clause: inlined into the conflict_log INSERT; everything is schema-qualified)
 CREATE OR REPLACE FUNCTION steep_repl._version_json(v steep_repl.row_version) RETURNS JSONB
-LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+LANGUAGE sql IMMUTABLE AS $$
     SELECT pg_catalog.jsonb_build_object('ver_ts', v.ver_ts, 'ver_node', v.ver_node, 'depth', v.depth,
         'epoch', v.epoch, 'gen', v.gen, 'deleted', v.deleted, 'op', v.op, 'base_ts', v.base_ts,
         'base_node', v.base_node, 'origin_xid', v.origin_xid, 'forced', v.forced)
@@ -588,13 +615,35 @@ BEGIN
     RETURN n;
 END $$;
 
--- BEFORE trigger (ENABLE REPLICA) on steep_repl.row_version: the decision for one incoming version.
-CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+-- The apply context: a transaction-local setting listing the keys whose next user-row change must
+-- NOT be applied as it arrives ("s": decided / materialised / duplicate) or must be checked ("g":
+-- first version of an INSERT, the row could exist without a version). Entries: E'\n' flag tbl E'\t' pk.
+-- Empty (the normal case): the user-row change is applied natively, its trigger's WHEN clause is false.
+CREATE OR REPLACE FUNCTION steep_repl._ctx_set(p_key TEXT, p_flag TEXT) RETURNS VOID
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE c TEXT := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+BEGIN
+    IF c <> '' THEN                             -- a new decision for a key replaces an older one
+        c := pg_catalog.replace(pg_catalog.replace(c, E'\ns' || p_key || E'\n', E'\n'), E'\ng' || p_key || E'\n', E'\n');
+        IF c = E'\n' THEN c := ''; END IF;
+    END IF;
+    IF p_flag IS NOT NULL THEN
+        c := CASE WHEN c = '' THEN E'\n' ELSE c END || p_flag || p_key || E'\n';
+    END IF;
+    PERFORM pg_catalog.set_config('steep_repl.apply_ctx', c, true);
+END $$;
+
+-- The decision for one incoming version (called by the row_version trigger below for everything
+-- but the fast path). p_update: the version arrived as an UPDATE (o = the local version, found and
+-- locked by the native apply); else as an INSERT. Returns true when the native change must apply n.
+CREATE OR REPLACE FUNCTION steep_repl._version_decide(p_update BOOLEAN, o steep_repl.row_version,
+                                                      n steep_repl.row_version)
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $$
 DECLARE
     r steep_repl.row_version;
     l steep_repl.row_version;
     t RECORD;
+    v_key TEXT;
     v_cur JSONB;
     v_conflict BOOLEAN;
     v_remote BOOLEAN;
@@ -603,78 +652,108 @@ DECLARE
     v_type TEXT;
     v_resolution TEXT;
     v_sub TEXT;
-    v_claimed BOOLEAN := false;
+    v_cache TEXT;
 BEGIN
-    IF pg_catalog.pg_trigger_depth() > 1 THEN   -- our own writes below
-        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
-        RETURN NEW;
+    IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
+        -- our own writes below, or a replica-role session that is no apply worker (node
+        -- initialisation copying versions): a plain write
+        RETURN true;
     END IF;
-    IF NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
-        -- a replica-role session that is no apply worker (node initialisation copying versions):
-        -- a plain write
-        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
-        RETURN NEW;
+    -- a local session that waits for us must lose a deadlock, never the apply worker: for the whole
+    -- apply-worker session (set once; an aborted transaction undoes it and the next one sets it again)
+    IF pg_catalog.current_setting('deadlock_timeout') <> '5s' THEN
+        PERFORM pg_catalog.set_config('deadlock_timeout', '5s', false);
     END IF;
-    IF TG_OP = 'DELETE' THEN                    -- origins replace versions by DELETE + INSERT
-        RETURN NULL;
+    r := n;
+    v_key := r.tbl || E'\t' || r.pk;
+    IF p_update THEN
+        l := o;                                 -- the local version, found and locked by the native apply
+    ELSE
+        -- lock order of every apply worker: the version first (the origin WAL-logged it first), then
+        -- the row. No local version: claim the key with the incoming one (a concurrent local writer
+        -- that committed one meanwhile makes this a no-op and we read its version).
+        FOR i IN 1..5 LOOP
+            INSERT INTO steep_repl.row_version VALUES (r.*) ON CONFLICT (tbl, pk) DO NOTHING;
+            IF FOUND THEN                       -- first version of this key here: it applies
+                IF r.deleted THEN
+                    IF r.forced THEN            -- a forced tombstone comes without a row change
+                        PERFORM steep_repl._rowop(r.tbl, 'del', r.pk, NULL);
+                        PERFORM steep_repl._ctx_set(v_key, 's');
+                    ELSIF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
+                        PERFORM steep_repl._ctx_set(v_key, NULL);   -- the native DELETE follows
+                    END IF;
+                ELSIF r.op = 'I' AND NOT r.forced THEN
+                    -- the native INSERT follows; it is checked (a row without a version may exist)
+                    IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+                        PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || v_key || E'\n', true);
+                    ELSE
+                        PERFORM steep_repl._ctx_set(v_key, 'g');
+                    END IF;
+                ELSIF EXISTS (SELECT 1 FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl) THEN
+                    -- an update that overtook its insert (3+ nodes) or a resolution: the row is the image
+                    PERFORM steep_repl._rowop(r.tbl, 'put', r.pk, r.img);
+                    PERFORM steep_repl._ctx_set(v_key, 's');
+                END IF;
+                RETURN false;
+            END IF;
+            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk FOR UPDATE;
+            IF FOUND THEN
+                EXIT;
+            END IF;
+            l := NULL;
+        END LOOP;
+        IF l.tbl IS NULL THEN
+            RAISE EXCEPTION 'steep_repl: cannot lock the version of % % (concurrent writers)', r.tbl, r.pk;
+        END IF;
     END IF;
-    r := NEW;
+
+    -- duplicate delivery (copy + replay) or an older version of the same origin: silent no-op
+    IF (r.ver_ts = l.ver_ts AND r.ver_node = l.ver_node)
+       OR (r.ver_node = l.ver_node AND r.ver_ts < l.ver_ts)
+       OR (r.ver_ts = l.base_ts AND r.ver_node = l.base_node) THEN
+        PERFORM steep_repl._ctx_set(v_key, 's');
+        RETURN false;
+    END IF;
+    v_conflict := r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node;
+
+    IF NOT v_conflict AND NOT r.forced AND (r.deleted OR l.deleted = (r.op = 'I')) THEN
+        -- R descends from L: the native user-row change that follows applies it (L live: the row
+        -- exists for an UPDATE/DELETE; L a tombstone: the row is absent for the re-INSERT)
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
+            PERFORM steep_repl._ctx_set(v_key, NULL);
+        END IF;
+        IF p_update THEN
+            RETURN true;
+        END IF;
+        UPDATE steep_repl.row_version v
+           SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
+               base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
+               gen = r.gen, op = r.op, img = r.img
+         WHERE v.tbl = r.tbl AND v.pk = r.pk;
+        RETURN false;
+    END IF;
+
     SELECT * INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl;
     IF NOT FOUND THEN                           -- not a table we manage here: keep the version only
+        PERFORM steep_repl._ctx_set(v_key, NULL);
+        IF p_update THEN RETURN true; END IF;
         DELETE FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk;
         INSERT INTO steep_repl.row_version VALUES (r.*);
-        RETURN NULL;
+        RETURN false;
     END IF;
-    -- the user-row change that follows (same transaction) is decided here: it will be skipped
-    PERFORM pg_catalog.set_config('steep_repl.apply_ctx', r.tbl || '|' || r.pk, true);
-    -- a local session that waits for us must lose a deadlock, never the apply worker
-    IF pg_catalog.current_setting('deadlock_timeout') <> '5s' THEN
-        PERFORM pg_catalog.set_config('deadlock_timeout', '5s', true);
-    END IF;
-    -- lock order of every apply worker: the version first (the origin WAL-logged it first), then the row
-    FOR i IN 1..5 LOOP
-        SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk FOR UPDATE;
-        IF FOUND THEN
-            EXIT;
-        END IF;
-        l := NULL;
-        -- no local version: claim the key with the incoming one (a concurrent local writer that
-        -- committed one meanwhile makes this a no-op and we read its version)
-        INSERT INTO steep_repl.row_version VALUES (r.*) ON CONFLICT (tbl, pk) DO NOTHING;
-        IF FOUND THEN
-            v_claimed := true;
-            EXIT;
-        END IF;
-    END LOOP;
-    v_cur := steep_repl._rowop(r.tbl, 'lock', r.pk, NULL);
-    IF v_claimed THEN                           -- first version of this key here: it applies
-        IF r.deleted THEN
-            IF v_cur IS NOT NULL THEN
-                PERFORM steep_repl._rowop(r.tbl, 'del', r.pk, NULL);
-            END IF;
-        ELSE
-            PERFORM steep_repl._rowop(r.tbl, 'put', r.pk, r.img);
-        END IF;
-        RETURN NULL;
-    END IF;
-    IF l.tbl IS NULL THEN
-        RAISE EXCEPTION 'steep_repl: cannot lock the version of % % (concurrent writers)', r.tbl, r.pk;
-    END IF;
-
-    IF l.tbl IS NOT NULL THEN
-        -- duplicate delivery (copy + replay) or an older version of the same origin: silent no-op
-        IF (r.ver_ts = l.ver_ts AND r.ver_node = l.ver_node)
-           OR (r.ver_node = l.ver_node AND r.ver_ts < l.ver_ts)
-           OR (r.ver_ts = l.base_ts AND r.ver_node = l.base_node) THEN
-            RETURN NULL;
-        END IF;
-        v_conflict := r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node;
-    END IF;
-
     IF NOT v_conflict THEN
         v_remote := true;
     ELSE
-        SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(t.table_schema, t.table_name) s;
+        -- the table's strategy, cached for the transaction
+        v_cache := pg_catalog.current_setting('steep_repl.apply_strategy', true);
+        IF v_cache IS NOT NULL AND pg_catalog.split_part(v_cache, E'\t', 1) = r.tbl THEN
+            v_strategy := pg_catalog.split_part(v_cache, E'\t', 2);
+            v_list := NULLIF(pg_catalog.split_part(v_cache, E'\t', 3), '')::TEXT[];
+        ELSE
+            SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(t.table_schema, t.table_name) s;
+            PERFORM pg_catalog.set_config('steep_repl.apply_strategy',
+                r.tbl || E'\t' || v_strategy || E'\t' || coalesce(v_list::TEXT, ''), true);
+        END IF;
         v_type := CASE WHEN r.deleted AND l.deleted THEN 'DELETE_DELETE'
                        WHEN r.deleted OR l.deleted THEN 'UPDATE_DELETE'
                        WHEN r.op = 'I' AND l.op = 'I' THEN 'INSERT_INSERT'
@@ -687,14 +766,48 @@ BEGIN
             v_remote := false;
         ELSIF v_strategy = 'apply_remote' THEN
             v_remote := true;
+        ELSIF v_strategy = 'last_write_wins' AND r.epoch = l.epoch AND r.deleted = l.deleted AND r.ver_ts <> l.ver_ts THEN
+            v_remote := r.ver_ts > l.ver_ts;    -- _beats('last_write_wins', ...) inlined for the common case
         ELSE
             v_remote := steep_repl._beats(v_strategy, v_list, r, l);
         END IF;
         v_resolution := CASE WHEN v_type = 'DELETE_DELETE' THEN 'BENIGN'
                              WHEN v_strategy = 'manual' AND NOT v_remote THEN 'PENDING'
                              WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END;
-        v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
-                           WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
+    END IF;
+
+    -- remote wins: the row becomes the version's image (or goes), the version becomes the local one.
+    -- v_cur: the local row before (row locked after the version: the lock order of every apply worker)
+    IF v_remote AND r.deleted AND NOT r.forced THEN
+        -- the native DELETE (or primary-key-changing UPDATE) that follows removes the row
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
+            PERFORM steep_repl._ctx_set(v_key, NULL);
+        END IF;
+        v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+    ELSE
+        -- decided and materialised here: the user-row change that follows is skipped
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+            PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ns' || v_key || E'\n', true);
+        ELSE
+            PERFORM steep_repl._ctx_set(v_key, 's');
+        END IF;
+        IF NOT v_remote THEN
+            v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+        ELSIF r.deleted THEN
+            v_cur := steep_repl._rowop(r.tbl, 'take', r.pk, NULL);
+        ELSE
+            v_cur := steep_repl._rowop(r.tbl, 'swap', r.pk, r.img);
+        END IF;
+    END IF;
+
+    IF v_conflict THEN
+        -- the subscription's name, once per transaction
+        v_sub := pg_catalog.current_setting('steep_repl.apply_sub', true);
+        IF v_sub IS NULL OR v_sub = '' THEN
+            v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
+                               WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
+            PERFORM pg_catalog.set_config('steep_repl.apply_sub', v_sub, false);   -- fixed for the worker
+        END IF;
         INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
             local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
             resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple)
@@ -710,37 +823,62 @@ BEGIN
     END IF;
 
     IF NOT v_remote THEN
-        RETURN NULL;                            -- local version and row stay
-    END IF;
-    -- remote wins: the row becomes the version's image, the version becomes the local one
-    IF r.deleted THEN
-        IF v_cur IS NOT NULL THEN
-            PERFORM steep_repl._rowop(r.tbl, 'del', r.pk, NULL);
-        END IF;
-    ELSE
-        PERFORM steep_repl._rowop(r.tbl, 'put', r.pk, r.img);
+        RETURN false;                            -- local version and row stay
     END IF;
     IF r.forced THEN
         PERFORM steep_repl._settle_pending(t.table_schema, t.table_name, r.pk, 'APPLIED_REMOTE',
             'steep_repl:resolution@' || r.ver_node, r.img, 'resolved by a manual resolution on ' || r.ver_node);
+    END IF;
+    IF p_update THEN
+        RETURN true;
     END IF;
     UPDATE steep_repl.row_version v
        SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
            base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
            gen = r.gen, op = r.op, img = r.img
      WHERE v.tbl = r.tbl AND v.pk = r.pk;
+    RETURN false;
+END $$;
+
+
+-- BEFORE trigger (ENABLE REPLICA) on steep_repl.row_version. No SECURITY DEFINER, no SET clause and no
+-- WHEN clause (the apply worker builds a new executor state per change, so a WHEN expression is
+-- deserialised and compiled again for every row: dearer than this call): the fast path — an UPDATE
+-- (the origin replaced its own version in place) whose base is the local version, not forced, whose
+-- operation fits the local version, nothing pending in the context, the worker's deadlock_timeout set —
+-- returns NEW at once: the native update applies the version, the native user-row change the row.
+CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.base_ts = OLD.ver_ts AND NEW.base_node = OLD.ver_node AND NOT NEW.forced
+           AND (NEW.deleted OR OLD.deleted = (NEW.op = 'I'))
+           AND pg_catalog.current_setting('deadlock_timeout') = '5s'
+           AND coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+            RETURN NEW;
+        END IF;
+        IF pg_catalog.pg_trigger_depth() > 1 OR steep_repl._version_decide(true, OLD, NEW) THEN
+            RETURN NEW;
+        END IF;
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        IF pg_catalog.pg_trigger_depth() > 1 OR steep_repl._version_decide(false, NULL, NEW) THEN
+            RETURN NEW;
+        END IF;
+        RETURN NULL;
+    END IF;
+    -- DELETE: origins replace others' versions by DELETE + INSERT; an apply worker ignores the DELETE
+    IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
+        RETURN OLD;
+    END IF;
     RETURN NULL;
 END $$;
 
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgname = 'steep_repl_apply'
-                   AND tgrelid = 'steep_repl.row_version'::pg_catalog.regclass) THEN
-        CREATE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON steep_repl.row_version
-            FOR EACH ROW EXECUTE FUNCTION steep_repl._row_version_apply();
-        ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER steep_repl_apply;
-    END IF;
-END $$;
+DROP TRIGGER IF EXISTS steep_repl_apply_upd ON steep_repl.row_version;     -- an earlier 1.1 build
+CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON steep_repl.row_version
+    FOR EACH ROW EXECUTE FUNCTION steep_repl._row_version_apply();
+ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER steep_repl_apply;
+REVOKE ALL ON FUNCTION steep_repl._version_decide(BOOLEAN, steep_repl.row_version, steep_repl.row_version) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
 -- enable_table / disable_table: generated per-table functions and triggers
@@ -750,13 +888,23 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT pg_catalog.substr(pg_catalog.md5(p_tbl), 1, 16)
 $$;
 
+-- AFTER TRUNCATE (ENABLE ALWAYS: on the origin and in the apply worker): the table's versions go with
+-- its rows. On the origin the DELETEs replicate too, and receivers ignore version DELETEs: each node
+-- clears its own versions when it applies the TRUNCATE.
+CREATE OR REPLACE FUNCTION steep_repl._truncate_versions() RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+BEGIN
+    DELETE FROM steep_repl.row_version v WHERE v.tbl = TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    RETURN NULL;
+END $$;
+
 CREATE OR REPLACE FUNCTION steep_repl.enable_table(p_table pg_catalog.regclass)
 RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $gen$
 DECLARE
     v_schema TEXT; v_name TEXT; v_kind "char"; v_tbl TEXT; v_h TEXT; v_q TEXT;
     v_pk TEXT[]; v_cols TEXT[];
     v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
-    v_setx TEXT; v_pklist TEXT; v_newmatch TEXT;
+    v_setx TEXT; v_pklist TEXT; v_newmatch TEXT; v_oldmatch TEXT;
     v_rowop TEXT; v_capture TEXT; v_apply TEXT;
     v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
 BEGIN
@@ -797,8 +945,9 @@ BEGIN
            'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(c), ', ') || ')::text',
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_k_.' || pg_catalog.quote_ident(c), ' AND '),
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = NEW.' || pg_catalog.quote_ident(c), ' AND '),
+           pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = OLD.' || pg_catalog.quote_ident(c), ' AND '),
            'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', steep_j_->' || (o - 1), ', ') || ')'
-      INTO v_pk_new, v_pk_old, v_match, v_newmatch, v_keyobj
+      INTO v_pk_new, v_pk_old, v_match, v_newmatch, v_oldmatch, v_keyobj
     FROM pg_catalog.unnest(v_pk) WITH ORDINALITY AS u(c, o);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = steep_x_.' || pg_catalog.quote_ident(c), ', '),
            pg_catalog.string_agg(pg_catalog.quote_ident(c), ', '),
@@ -811,7 +960,7 @@ BEGIN
     -- rowop: lock/read, insert, update, delete one row of the table by canonical key / image
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s(p_action TEXT, p_pk TEXT, p_img JSONB) RETURNS JSONB
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $body$
 #variable_conflict use_column
 DECLARE
     steep_j_ JSONB := p_pk::JSONB;
@@ -828,6 +977,18 @@ BEGIN
         INSERT INTO %2$s (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_;
     ELSIF p_action = 'upd' THEN
         UPDATE ONLY %2$s AS steep_t_ SET %7$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_ WHERE %4$s;
+    ELSIF p_action = 'swap' THEN
+        SELECT pg_catalog.to_jsonb(steep_t_.*) INTO steep_r_ FROM ONLY %2$s AS steep_t_ WHERE %4$s FOR UPDATE;
+        IF steep_r_ IS NULL THEN
+            INSERT INTO %2$s AS steep_t_ (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_
+            ON CONFLICT (%8$s) DO UPDATE SET %9$s;
+        ELSE
+            UPDATE ONLY %2$s AS steep_t_ SET %7$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_ WHERE %4$s;
+        END IF;
+        RETURN steep_r_;
+    ELSIF p_action = 'take' THEN
+        DELETE FROM ONLY %2$s AS steep_t_ WHERE %4$s RETURNING pg_catalog.to_jsonb(steep_t_.*) INTO steep_r_;
+        RETURN steep_r_;
     ELSIF p_action = 'put' THEN
         INSERT INTO %2$s AS steep_t_ (%5$s) SELECT %6$s FROM pg_catalog.jsonb_populate_record(NULL::%2$s, p_img) AS steep_x_
         ON CONFLICT (%8$s) DO UPDATE SET %9$s;
@@ -866,43 +1027,88 @@ BEGIN
     RETURN NEW;
 END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
 
-    -- apply: the user-row change that follows its version (same transaction, key in apply_ctx) is
-    -- redundant: the version carries the full row and was decided and materialised. Skip it.
+    -- apply: fires only while the transaction's apply context lists keys (WHEN clause): the user-row
+    -- change of a key decided "s" by its version is skipped (decided, materialised or a duplicate);
+    -- any other change applies as it arrives, an INSERT of an existing key becoming an update (a row
+    -- without a version, or a change that no version accompanied: never an insert_exists error loop).
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $body$
 #variable_conflict use_column
-DECLARE steep_c_ TEXT;
+DECLARE steep_c_ TEXT; steep_k_ TEXT; steep_ok_ TEXT; steep_s_ BOOLEAN; steep_os_ BOOLEAN;
 BEGIN
-    IF pg_catalog.pg_trigger_depth() = 1 THEN
-        steep_c_ := pg_catalog.current_setting('steep_repl.apply_ctx', true);
-        IF steep_c_ IS NOT NULL AND steep_c_ <> '' THEN
-            IF TG_OP = 'DELETE' THEN
-                IF steep_c_ = %2$L || '|' || %4$s THEN RETURN NULL; END IF;
-            ELSIF steep_c_ = %2$L || '|' || %3$s OR (TG_OP = 'UPDATE' AND steep_c_ = %2$L || '|' || %4$s) THEN
+    IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
+        -- our own materialisation (nested) or a replica-role write that is no apply worker
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+    IF TG_OP <> 'INSERT' THEN
+        steep_ok_ := %2$L || E'\t' || %4$s;
+        steep_os_ := pg_catalog.strpos(steep_c_, E'\ns' || steep_ok_ || E'\n') > 0;
+        IF TG_OP = 'DELETE' THEN
+            IF steep_os_ THEN
+                PERFORM steep_repl._ctx_set(steep_ok_, NULL);
                 RETURN NULL;
             END IF;
+            RETURN OLD;
         END IF;
     END IF;
-    -- an apply-worker change that no version accompanied: apply it, an INSERT of an existing key
-    -- becomes an update (never an insert_exists error loop)
-    IF pg_catalog.pg_trigger_depth() = 1 AND TG_OP = 'INSERT' AND pg_catalog.pg_replication_origin_session_is_setup() THEN
-        IF %5$s('lock', %3$s, NULL) IS NOT NULL THEN
-            PERFORM %5$s('upd', %3$s, pg_catalog.to_jsonb(NEW));
+    steep_k_ := %2$L || E'\t' || %3$s;
+    steep_s_ := pg_catalog.strpos(steep_c_, E'\ns' || steep_k_ || E'\n') > 0;
+    IF steep_c_ = E'\ns' || steep_k_ || E'\n' OR steep_c_ = E'\ng' || steep_k_ || E'\n' THEN
+        PERFORM pg_catalog.set_config('steep_repl.apply_ctx', '', true);     -- the only entry: consumed
+    ELSIF steep_s_ OR pg_catalog.strpos(steep_c_, E'\ng' || steep_k_ || E'\n') > 0 THEN
+        PERFORM steep_repl._ctx_set(steep_k_, NULL);
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF steep_ok_ = steep_k_ THEN
+            IF steep_s_ THEN RETURN NULL; END IF;
+            RETURN NEW;
+        END IF;
+        -- a primary-key change: the old key's tombstone and the new key's version were decided apart
+        IF steep_os_ THEN
+            PERFORM steep_repl._ctx_set(steep_ok_, NULL);
+        END IF;
+        IF steep_s_ THEN                        -- the new key keeps its local row
+            IF NOT steep_os_ THEN               -- the old key's tombstone applies
+                DELETE FROM ONLY %5$s AS steep_t_ WHERE %7$s;
+            END IF;
             RETURN NULL;
         END IF;
+        IF steep_os_ OR EXISTS (SELECT 1 FROM ONLY %5$s AS steep_t_ WHERE %6$s) THEN
+            IF NOT steep_os_ THEN
+                DELETE FROM ONLY %5$s AS steep_t_ WHERE %7$s;
+            END IF;
+            PERFORM %8$s('put', %3$s, pg_catalog.to_jsonb(NEW));
+            RETURN NULL;
+        END IF;
+        RETURN NEW;
     END IF;
-    -- our own materialisation (nested) or a replica-role write without a version (node initialisation)
-    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    IF steep_s_ THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM ONLY %5$s AS steep_t_ WHERE %6$s) THEN
+        PERFORM %8$s('upd', %3$s, pg_catalog.to_jsonb(NEW));
+        RETURN NULL;
+    END IF;
     RETURN NEW;
-END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_rowop);
+END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch, v_rowop);
 
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '
                               'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_capture);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON %s '
-                              'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_apply);
+                              'FOR EACH ROW WHEN (coalesce(pg_catalog.current_setting(''steep_repl.apply_ctx'', true), '''') <> '''' '
+                              'AND pg_catalog.pg_trigger_depth() = 0) '
+                              'EXECUTE FUNCTION %s()', v_q, v_apply);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_apply', v_q);
+    -- TRUNCATE (local or applied from a peer) forgets the table's versions on that node, so the rows
+    -- inserted afterwards get first versions again (never an unversioned change that could stop a
+    -- subscription on insert_exists)
+    EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_truncate AFTER TRUNCATE ON %s '
+                              'FOR EACH STATEMENT EXECUTE FUNCTION steep_repl._truncate_versions()', v_q);
+    EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER steep_repl_truncate', v_q);
     INSERT INTO steep_repl.conflict_tables (tbl, table_schema, table_name, pk_columns, rowop)
     VALUES (v_tbl, v_schema, v_name, v_pk, v_rowop)
     ON CONFLICT (tbl) DO UPDATE SET pk_columns = EXCLUDED.pk_columns, rowop = EXCLUDED.rowop;
@@ -921,6 +1127,7 @@ BEGIN
     v_h := steep_repl._conflict_fn_suffix(v_tbl);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_capture ON %s', v_q);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_apply ON %s', v_q);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_truncate ON %s', v_q);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'capture_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'apply_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I(TEXT, TEXT, JSONB)', 'rowop_' || v_h);
@@ -1176,6 +1383,7 @@ END $$;
 -- SECURITY DEFINER helpers are for the generated triggers only.
 REVOKE ALL ON FUNCTION steep_repl._capture(TEXT, TEXT, BOOLEAN, JSONB, BOOLEAN) FROM PUBLIC;
 REVOKE ALL ON FUNCTION steep_repl._settle_pending(TEXT, TEXT, TEXT, TEXT, TEXT, JSONB, TEXT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION steep_repl._truncate_versions() FROM PUBLIC;
 
 -- ==== 30_ranges.sql ====
 -- Identity ranges (1.1): disjoint per-node id ranges, CHECK constraint, expansion (docs/identity-ranges.md).
@@ -1771,7 +1979,9 @@ RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
         ('PREPARING', 'FAILED'), ('COPYING', 'FAILED'), ('CATCHING_UP', 'FAILED'),
         ('REINITIALIZING', 'FAILED'), ('UNINITIALIZED', 'FAILED'), ('SYNCHRONIZED', 'FAILED'),
         ('DIVERGED', 'FAILED'), ('COPYING', 'PREPARING'), ('CATCHING_UP', 'PREPARING'),
-        ('CATCHING_UP', 'COPYING'))
+        ('CATCHING_UP', 'COPYING'),
+        -- reinit of a wired node (a mesh built by site.yml leaves its nodes UNINITIALIZED)
+        ('UNINITIALIZED', 'REINITIALIZING'), ('REINITIALIZING', 'CATCHING_UP'))
 $$;
 
 -- Move a node to a new init state; every transition is written to audit_log.
@@ -1918,3 +2128,226 @@ RETURNS TABLE (table_name TEXT, status TEXT, difference TEXT) LANGUAGE sql STABL
       FROM s FULL JOIN t ON s.table_schema = t.table_schema AND s.table_name = t.table_name
      ORDER BY 1
 $$;
+
+-- ==== 45_reinit.sql ====
+-- Reinitialisation and reconciliation (1.1): see docs/node-init.md.
+
+-- Replace the rows and versions of one table on a live node with the ones staged by the caller
+-- in its temp tables pg_temp.steep_reinit_rows / pg_temp.steep_reinit_versions.
+-- Fired by an INSERT into the caller's temp table pg_temp.steep_reinit_go (ENABLE ALWAYS trigger)
+-- in a session with session_replication_role = replica and a replication origin set up: the
+-- origin keeps every peer (subscribed with origin = none) from receiving the rewrite, and the
+-- writes below run nested (trigger depth 2 for the conflict triggers), so the conflict engine
+-- treats them as plain writes instead of incoming changes.
+CREATE OR REPLACE FUNCTION steep_repl._reinit_swap() RETURNS TRIGGER
+LANGUAGE plpgsql SET search_path = '' AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM steep_repl.conflict_tables ct WHERE ct.tbl = NEW.tbl) THEN
+        RAISE EXCEPTION 'table % is not replicated on this node (no conflict triggers)', NEW.tbl
+            USING HINT = 'Fix: reinitialise replicated tables only (steep_replicated_tables), or run playbooks/site.yml.';
+    END IF;
+    DELETE FROM steep_repl.row_version v WHERE v.tbl = NEW.tbl;
+    EXECUTE pg_catalog.format('DELETE FROM ONLY %s', NEW.qual);
+    EXECUTE pg_catalog.format('INSERT INTO %s (%s) SELECT %s FROM pg_temp.steep_reinit_rows', NEW.qual, NEW.cols, NEW.cols);
+    EXECUTE pg_catalog.format('INSERT INTO steep_repl.row_version (%s) SELECT %s FROM pg_temp.steep_reinit_versions',
+                              NEW.vcols, NEW.vcols);
+    RETURN NULL;
+END $$;
+
+-- Existing data on a joining node (seed 6.8, init with existing_data = reconcile): keys whose target
+-- row must be written again once the node is in the mesh (it won, or only the target has it), with
+-- the version the target held when this was decided (NULL: none). steep_repl.reconcile_push_table
+-- writes them as ordinary local writes, unless the key changed since.
+CREATE TABLE IF NOT EXISTS steep_repl.reconcile_push (
+    tbl         TEXT NOT NULL,
+    pk          TEXT NOT NULL,
+    ver_ts      TIMESTAMPTZ,
+    ver_node    TEXT,
+    source_node TEXT NOT NULL,
+    reason      TEXT NOT NULL,          -- target_won | target_only
+    decided_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (tbl, pk)
+);
+
+-- Reconcile one table of the (not yet wired) local node with the source's rows and versions staged
+-- by the caller in pg_temp.steep_rec_rows (the columns + steep_ts, the commit time of the source
+-- row when known) and pg_temp.steep_rec_versions. Runs in the caller's transaction with
+-- session_replication_role = replica. Afterwards the local versions of the table are the source's;
+-- rows only on the source are copied, identical rows are left alone, differing rows are decided by
+-- the table's strategy (a row without a version gets a first version made of its commit time and
+-- its node) and logged in conflict_log; target rows that won or that only the target has are queued
+-- in reconcile_push. Returns the counts.
+CREATE OR REPLACE FUNCTION steep_repl.reconcile_table(p_table pg_catalog.regclass, p_source TEXT)
+RETURNS JSONB LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_schema TEXT; v_name TEXT; v_tbl TEXT; v_q TEXT; v_pk TEXT[]; v_gen TEXT[];
+    v_me TEXT := steep_repl.local_node_id();
+    v_strategy TEXT; v_list TEXT[];
+    v_pk_s TEXT; v_pk_t TEXT; v_join TEXT;
+    c RECORD; sv steep_repl.row_version; lv steep_repl.row_version; v_remote BOOLEAN;
+    v_counts JSONB; v_cols TEXT; v_rcols TEXT;
+BEGIN
+    SELECT n.nspname, k.relname INTO v_schema, v_name
+      FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE k.oid = p_table;
+    v_tbl := v_schema || '.' || v_name;
+    v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
+      FROM pg_catalog.pg_constraint con
+     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+     WHERE con.conrelid = p_table AND con.contype = 'p';
+    IF v_pk IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key, so its rows cannot be reconciled', v_tbl
+            USING HINT = 'Fix: add a primary key on every node (steep.repl needs one), then re-run.';
+    END IF;
+    SELECT coalesce(pg_catalog.array_agg(a.attname::TEXT), '{}') INTO v_gen FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '';
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg('r.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+      INTO v_cols, v_rcols FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(v_schema, v_name) s;
+    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('s.' || pg_catalog.quote_ident(x), ', ') || ')::text',
+           'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
+           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_pk_s, v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+
+    DROP TABLE IF EXISTS pg_temp.steep_rec_cmp;
+    EXECUTE pg_catalog.format($f$
+        CREATE TEMP TABLE steep_rec_cmp ON COMMIT DROP AS
+        SELECT CASE WHEN s.steep_in_s THEN %1$s ELSE %2$s END AS pk,
+               coalesce(s.steep_in_s, false) AS in_s, coalesce(t.steep_in_t, false) AS in_t,
+               pg_catalog.to_jsonb(s) - ARRAY['steep_in_s', 'steep_ts'] AS s_img,
+               pg_catalog.to_jsonb(t) - (ARRAY['steep_in_t', 'steep_ts'] || %3$L::TEXT[]) AS t_img,
+               s.steep_ts AS s_ts, t.steep_ts AS t_ts, NULL::BOOLEAN AS src_wins
+          FROM (SELECT true AS steep_in_s, x.* FROM pg_temp.steep_rec_rows x) s
+          FULL JOIN (SELECT true AS steep_in_t, y.*,
+                            CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::BOOLEAN
+                                 THEN pg_catalog.pg_xact_commit_timestamp(y.xmin) END AS steep_ts
+                       FROM ONLY %4$s y) t ON %5$s$f$, v_pk_s, v_pk_t, v_gen, v_q, v_join);
+    CREATE INDEX ON pg_temp.steep_rec_cmp (pk);
+
+    -- differing rows: the table's strategy decides, with both tuples logged
+    FOR c IN SELECT * FROM pg_temp.steep_rec_cmp x WHERE x.in_s AND x.in_t AND x.s_img <> x.t_img LOOP
+        IF v_strategy = 'manual' THEN
+            RAISE EXCEPTION 'table % uses the manual conflict strategy and key % differs between % and %', v_tbl,
+                c.pk, p_source, v_me
+                USING HINT = 'Fix: give the table an automatic strategy for the join (steep_conflict_strategies), or '
+                             'make the rows equal on the target, then re-run.';
+        END IF;
+        sv := NULL;
+        SELECT * INTO sv FROM pg_temp.steep_rec_versions v WHERE v.tbl = v_tbl AND v.pk = c.pk AND NOT v.deleted;
+        IF NOT FOUND THEN
+            sv := NULL;
+            sv.tbl := v_tbl; sv.pk := c.pk; sv.ver_ts := coalesce(c.s_ts, '-infinity'); sv.ver_node := p_source;
+            sv.depth := 0; sv.epoch := 0; sv.deleted := false; sv.forced := false; sv.gen := 0; sv.op := 'I';
+            sv.img := c.s_img;
+        END IF;
+        lv := NULL;
+        SELECT * INTO lv FROM steep_repl.row_version v WHERE v.tbl = v_tbl AND v.pk = c.pk AND NOT v.deleted;
+        IF NOT FOUND THEN
+            lv := NULL;
+            lv.tbl := v_tbl; lv.pk := c.pk; lv.ver_ts := coalesce(c.t_ts, '-infinity'); lv.ver_node := v_me;
+            lv.depth := 0; lv.epoch := 0; lv.deleted := false; lv.forced := false; lv.gen := 0; lv.op := 'I';
+            lv.img := c.t_img;
+        END IF;
+        v_remote := CASE v_strategy WHEN 'keep_local' THEN false WHEN 'apply_remote' THEN true
+                                    ELSE steep_repl._beats(v_strategy, v_list, sv, lv) END;
+        UPDATE pg_temp.steep_rec_cmp x SET src_wins = v_remote WHERE x.pk = c.pk;
+        INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
+            local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
+            resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version,
+            resolved_tuple, note)
+        VALUES ('reconcile:' || p_source, v_schema, v_name, 'INSERT_INSERT',
+            c.t_img, c.s_img, lv.ver_node, sv.ver_node, lv.ver_ts, sv.ver_ts, sv.origin_xid,
+            CASE WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END, pg_catalog.now(),
+            'steep_repl:' || v_strategy, c.pk, v_strategy, CASE WHEN v_remote THEN 'remote' ELSE 'local' END,
+            steep_repl._version_json(lv), steep_repl._version_json(sv),
+            CASE WHEN v_remote THEN c.s_img ELSE c.t_img END,
+            'existing data reconciled while ' || v_me || ' joined from ' || p_source);
+    END LOOP;
+
+    -- the local versions of the table become the source's
+    DELETE FROM steep_repl.row_version v WHERE v.tbl = v_tbl;
+    INSERT INTO steep_repl.row_version SELECT * FROM pg_temp.steep_rec_versions;
+    -- rows only on the source, and differing rows the source won
+    EXECUTE pg_catalog.format($f$
+        INSERT INTO %1$s (%2$s) SELECT %3$s FROM pg_temp.steep_rec_cmp x,
+               pg_catalog.jsonb_populate_record(NULL::%1$s, x.s_img) r WHERE x.in_s AND NOT x.in_t$f$, v_q, v_cols, v_rcols);
+    EXECUTE pg_catalog.format($f$
+        DELETE FROM ONLY %1$s t USING pg_temp.steep_rec_cmp x WHERE x.src_wins AND %2$s = x.pk$f$, v_q, v_pk_t);
+    EXECUTE pg_catalog.format($f$
+        INSERT INTO %1$s (%2$s) SELECT %3$s FROM pg_temp.steep_rec_cmp x,
+               pg_catalog.jsonb_populate_record(NULL::%1$s, x.s_img) r WHERE x.src_wins$f$, v_q, v_cols, v_rcols);
+    -- target rows that must reach every node
+    DELETE FROM steep_repl.reconcile_push p WHERE p.tbl = v_tbl;
+    INSERT INTO steep_repl.reconcile_push (tbl, pk, ver_ts, ver_node, source_node, reason)
+    SELECT v_tbl, x.pk, v.ver_ts, v.ver_node, p_source, CASE WHEN x.in_s THEN 'target_won' ELSE 'target_only' END
+      FROM pg_temp.steep_rec_cmp x
+      LEFT JOIN pg_temp.steep_rec_versions v ON v.tbl = v_tbl AND v.pk = x.pk
+     WHERE x.in_t AND (NOT x.in_s OR (x.s_img <> x.t_img AND NOT x.src_wins));
+    SELECT pg_catalog.jsonb_build_object(
+               'source_only', count(*) FILTER (WHERE x.in_s AND NOT x.in_t),
+               'identical', count(*) FILTER (WHERE x.in_s AND x.in_t AND x.s_img = x.t_img),
+               'source_won', count(*) FILTER (WHERE x.src_wins),
+               'target_won', count(*) FILTER (WHERE x.in_s AND x.in_t AND x.s_img <> x.t_img AND NOT x.src_wins),
+               'target_only', count(*) FILTER (WHERE x.in_t AND NOT x.in_s))
+      INTO v_counts FROM pg_temp.steep_rec_cmp x;
+    DROP TABLE pg_temp.steep_rec_cmp;
+    RETURN v_counts;
+END $$;
+
+-- Once the node is in the mesh: write its queued rows of one table again as ordinary local writes
+-- (the capture trigger gives them versions that reach every node), unless the key changed since the
+-- decision (a later write won): a row the target won is updated in place (its version is the
+-- source's, so every node takes the update); a row only the target has is deleted without
+-- replication triggers and inserted again, as if written now. Returns the number of rows written.
+CREATE OR REPLACE FUNCTION steep_repl.reconcile_push_table(p_tbl TEXT)
+RETURNS BIGINT LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_rel pg_catalog.regclass := pg_catalog.to_regclass(p_tbl);
+    v_pk TEXT[]; v_pk_t TEXT; v_cols TEXT; v_tcols TEXT; v_join TEXT; n BIGINT; m BIGINT;
+BEGIN
+    IF v_rel IS NULL THEN
+        RAISE EXCEPTION 'table % does not exist', p_tbl
+            USING HINT = 'Fix: create it, or DELETE its rows from steep_repl.reconcile_push.';
+    END IF;
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
+      FROM pg_catalog.pg_constraint con
+     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+     WHERE con.conrelid = v_rel AND con.contype = 'p';
+    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
+           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+      INTO v_cols, v_tcols FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    -- rows the target won: an update in place
+    EXECUTE pg_catalog.format($f$
+        UPDATE %1$s AS t SET %2$I = t.%2$I
+          FROM steep_repl.reconcile_push p
+          LEFT JOIN steep_repl.row_version v ON v.tbl = p.tbl AND v.pk = p.pk
+         WHERE p.tbl = %3$L AND p.reason = 'target_won' AND %4$s = p.pk
+           AND v.ver_ts IS NOT DISTINCT FROM p.ver_ts AND v.ver_node IS NOT DISTINCT FROM p.ver_node$f$,
+        v_rel, v_pk[1], p_tbl, v_pk_t);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    -- rows only on the target: inserted again (the delete runs as replica: no version, no FK action)
+    DROP TABLE IF EXISTS pg_temp.steep_push_rows;
+    EXECUTE pg_catalog.format($f$
+        CREATE TEMP TABLE steep_push_rows ON COMMIT DROP AS
+        SELECT %4$s FROM %1$s AS t
+          JOIN steep_repl.reconcile_push p ON p.tbl = %2$L AND p.reason = 'target_only' AND %3$s = p.pk
+          LEFT JOIN steep_repl.row_version v ON v.tbl = p.tbl AND v.pk = p.pk
+         WHERE v.ver_ts IS NOT DISTINCT FROM p.ver_ts AND v.ver_node IS NOT DISTINCT FROM p.ver_node$f$,
+        v_rel, p_tbl, v_pk_t, v_tcols);
+    PERFORM pg_catalog.set_config('session_replication_role', 'replica', true);
+    EXECUTE pg_catalog.format('DELETE FROM ONLY %1$s AS t USING pg_temp.steep_push_rows s WHERE %2$s', v_rel, v_join);
+    PERFORM pg_catalog.set_config('session_replication_role', 'origin', true);
+    EXECUTE pg_catalog.format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM pg_temp.steep_push_rows', v_rel, v_cols);
+    GET DIAGNOSTICS m = ROW_COUNT;
+    DROP TABLE pg_temp.steep_push_rows;
+    DELETE FROM steep_repl.reconcile_push p WHERE p.tbl = p_tbl;
+    RETURN n + m;
+END $$;

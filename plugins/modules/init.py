@@ -186,6 +186,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, connect
 from ansible_collections.steep.repl.plugins.module_utils import nodeinit
 from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
+from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_mesh
 
 
 def _plain(value):
@@ -198,6 +199,51 @@ def _plain(value):
     if isinstance(value, (datetime.datetime, datetime.timedelta)):
         return str(value)
     return value
+
+
+def run(module):
+    p = module.params
+    specs = p["nodes"]
+    if p["parallel_workers"] < 1:
+        raise SteepError("parallel_workers must be at least 1, got %s." % p["parallel_workers"])
+    if p["step"] == "status":
+        spec = [s for s in specs if s.get("node_id") == p["target"]]
+        if not spec:
+            raise SteepError("target %r is not in nodes" % p["target"])
+        from ansible_collections.steep.repl.plugins.module_utils.replication import Member
+        conn = connect(Member(spec[0]).conn_kw())
+        try:
+            rows = nodeinit.status(conn, p["target"])
+            state = nodeinit.init_state(conn, p["target"])
+        finally:
+            conn.close()
+        return dict(changed=False, state=state, progress=_plain(rows[0]) if rows else None)
+    if p["step"] == "reinit":
+        res = nodeinit.reinit(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
+                              p["reinit_tables"], p["reinit_schema"], p["reinit_full"], module.check_mode,
+                              p["timeout"])
+        res["tables"] = res.get("tables", [])
+        res.pop("per_table", None)
+        return _plain(res)
+    if module.check_mode and p["step"] != "prepare":
+        return dict(changed=True, msg="check mode: step %s would run" % p["step"])
+    if p["step"] == "prepare":
+        res = nodeinit.prepare(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
+                               p["schema_sync"], p["method"], module.check_mode, p["existing_data"])
+    elif p["step"] == "copy":
+        if p["method"] != "snapshot":
+            raise SteepError("the copy step belongs to the snapshot method; with method=manual restore your "
+                             "backup and run step=complete with source_lsn.")
+        res = nodeinit.copy(specs, p["target"], p["source"], p["tables"] or [], p["parallel_workers"],
+                            existing_data=p["existing_data"])
+        res["progress"] = res.pop("status", None)
+        res["tables"] = sorted(res.pop("per_table", {}))
+    else:
+        if p["step"] == "complete":
+            nodeinit.advance_source_slot(specs, p["target"], p["source"], p["source_lsn"])
+        res = nodeinit.finish(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
+                              p["timeout"])
+    return _plain(res)
 
 
 def main():
@@ -225,53 +271,7 @@ def main():
                      ("step", "status", ("target",)), ("step", "reinit", ("target", "source"))],
         supports_check_mode=True,
     )
-    p = module.params
-    specs = p["nodes"]
-    try:
-        if p["parallel_workers"] < 1:
-            raise SteepError("parallel_workers must be at least 1, got %s." % p["parallel_workers"])
-        if p["step"] == "status":
-            spec = [s for s in specs if s.get("node_id") == p["target"]]
-            if not spec:
-                raise SteepError("target %r is not in nodes" % p["target"])
-            from ansible_collections.steep.repl.plugins.module_utils.replication import Member
-            conn = connect(Member(spec[0]).conn_kw())
-            try:
-                rows = nodeinit.status(conn, p["target"])
-                state = nodeinit.init_state(conn, p["target"])
-            finally:
-                conn.close()
-            module.exit_json(changed=False, state=state, progress=_plain(rows[0]) if rows else None)
-        if p["step"] == "reinit":
-            res = nodeinit.reinit(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
-                                  p["reinit_tables"], p["reinit_schema"], p["reinit_full"], module.check_mode,
-                                  p["timeout"])
-            res["tables"] = res.get("tables", [])
-            res.pop("per_table", None)
-            module.exit_json(**_plain(res))
-        if module.check_mode and p["step"] != "prepare":
-            module.exit_json(changed=True, msg="check mode: step %s would run" % p["step"])
-        if p["step"] == "prepare":
-            res = nodeinit.prepare(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
-                                   p["schema_sync"], p["method"], module.check_mode, p["existing_data"])
-        elif p["step"] == "copy":
-            if p["method"] != "snapshot":
-                raise SteepError("the copy step belongs to the snapshot method; with method=manual restore your "
-                                 "backup and run step=complete with source_lsn.")
-            res = nodeinit.copy(specs, p["target"], p["source"], p["tables"] or [], p["parallel_workers"],
-                                existing_data=p["existing_data"])
-            res["progress"] = res.pop("status", None)
-            res["tables"] = sorted(res.pop("per_table", {}))
-        else:
-            if p["step"] == "complete":
-                nodeinit.advance_source_slot(specs, p["target"], p["source"], p["source_lsn"])
-            res = nodeinit.finish(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
-                                  p["timeout"])
-        for w in res.pop("warnings", []) or []:
-            module.warn(w)
-        module.exit_json(**_plain(res))
-    except SteepError as exc:
-        module.fail_json(msg=str(exc))
+    run_on_mesh(module, run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""The conflict engine's fast paths (issue #3) on a real 2-node mesh (PG 17 + PG 18) built by the real
+site.yml: versions written in place by their own origin, native apply without materialisation,
+primary-key changes decided per key (with and without conflicts), re-inserts over tombstones, duplicate
+delivery, and a bulk load into an empty, analysed table (the generic-plan trap). Every case ends with
+identical rows AND versions on both nodes, and every live row equal to its version's image."""
+import uuid
+
+import pytest
+
+import conflict_support as cs
+import mesh
+from conftest import LAB_BASE
+from steeplab import make_lab
+
+SETUP = ["CREATE TABLE public.f (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)",
+         "CREATE TABLE public.g (a int, b text, v text, PRIMARY KEY (a, b))",
+         "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"]
+GROUP_VARS = {"steep_replicated_tables": ["public.f", "public.g", "public.marker"]}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = make_lab(LAB_BASE / ("cp" + uuid.uuid4().hex[:8]), 2, (17, 18))
+    try:
+        mesh.build_mesh(lab, SETUP, GROUP_VARS)
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def converged(lab, table):
+    rows = mesh.wait_converged(lab, "SELECT * FROM %s ORDER BY 1, 2" % table, timeout=60)
+    mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, epoch, gen FROM steep_repl.row_version "
+                             "WHERE tbl = %s ORDER BY pk", timeout=30, params=(table,))
+    for n in lab.nodes:     # every live row is its version's image, every tombstone has no row
+        bad = n.sql("SELECT v.pk FROM steep_repl.row_version v LEFT JOIN %s t "
+                    "ON pg_catalog.jsonb_build_array(%s)::text = v.pk WHERE v.tbl = %%s "
+                    "AND (v.deleted <> (t.* IS NULL) OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(t.*)))"
+                    % (table, "t.id" if table == "public.f" else "t.a, t.b"), (table,))
+        assert bad == [], (n.name, bad)
+    assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
+    return rows
+
+
+def n_conflicts(node, table):
+    return node.sql("SELECT count(*) FROM steep_repl.conflict_log WHERE table_schema || '.' || table_name = %s",
+                    (table,))[0][0]
+
+
+def version_writes(node):
+    return node.sql("SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_catalog.pg_stat_user_tables "
+                    "WHERE relid = 'steep_repl.row_version'::regclass")[0]
+
+
+def test_own_versions_are_replaced_in_place_and_applied_natively(lab):
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.f SELECT g, 'a', 0 FROM generate_series(1, 200) g")
+    converged(lab, "public.f")
+    n1.sql("SELECT pg_catalog.pg_stat_force_next_flush()")
+    before = version_writes(n1)
+    n1.sql("UPDATE public.f SET n = n + 1")                      # node1's own versions: UPDATE in place
+    n1.sql("UPDATE public.f SET v = 'b' WHERE id <= 50")
+    n1.sql("DELETE FROM public.f WHERE id > 190")                 # tombstones in place too
+    n1.sql("SELECT pg_catalog.pg_stat_force_next_flush()")
+    after = cs.wait_for(lambda: (lambda a: a if a[1] - before[1] >= 260 else None)(version_writes(n1)),
+                        what="row_version statistics")
+    assert after[2] == before[2], "a version of this node's own key was rewritten by DELETE + INSERT"
+    rows = converged(lab, "public.f")
+    assert len(rows) == 190 and rows[0] == (1, "b", 1) and rows[-1] == (190, "a", 1)
+    assert n_conflicts(n1, "public.f") == n_conflicts(n2, "public.f") == 0
+    # node2 writes keys whose version came from node1: DELETE + INSERT (a third node may lack the version)
+    n2.sql("UPDATE public.f SET n = 7 WHERE id = 1")
+    assert converged(lab, "public.f")[0] == (1, "b", 7)
+    # re-insert over a tombstone (new incarnation), applied natively on the other node
+    n2.sql("INSERT INTO public.f VALUES (195, 'again', 0)")
+    rows = converged(lab, "public.f")
+    assert (195, "again", 0) in rows
+    assert n1.sql("SELECT epoch, op FROM steep_repl.row_version WHERE tbl = 'public.f' AND pk = '[195]'") == [(1, "I")]
+
+
+def test_primary_key_changes_with_and_without_conflicts(lab):
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.g SELECT g, 'k', 'x' FROM generate_series(1, 6) g")
+    converged(lab, "public.g")
+    # no conflict: tombstone of the old key + version of the new key, native UPDATE moves the row
+    n1.sql("UPDATE public.g SET b = 'moved' WHERE a = 1")
+    rows = converged(lab, "public.g")
+    assert (1, "moved", "x") in rows and (1, "k", "x") not in rows
+    # node2 updates the row that node1 moves meanwhile: the move's tombstone beats the update
+    cs.pause(lab)
+    try:
+        n2.sql("UPDATE public.g SET v = 'node2' WHERE a = 2")
+        n1.sql("UPDATE public.g SET b = 'moved' WHERE a = 2")
+    finally:
+        cs.resume(lab)
+    cs.sync(lab)
+    rows = converged(lab, "public.g")
+    assert (2, "moved", "x") in rows and not [r for r in rows if r[:2] == (2, "k")]
+    # both nodes create the same new key: node1 by moving a row, node2 by inserting it (INSERT_INSERT
+    # on the new key, decided by last_write_wins; the old key's tombstone applies everywhere)
+    cs.pause(lab)
+    try:
+        n1.sql("UPDATE public.g SET b = 'dup' WHERE a = 3")
+        n2.sql("INSERT INTO public.g VALUES (3, 'dup', 'inserted-on-node2')")
+    finally:
+        cs.resume(lab)
+    cs.sync(lab)
+    rows = converged(lab, "public.g")
+    assert (3, "dup", "inserted-on-node2") in rows and not [r for r in rows if r[:2] == (3, "k")]
+    assert n_conflicts(n1, "public.g") >= 1 and n_conflicts(n2, "public.g") >= 1
+    # node1's later update wins on the new key; on the old key the move's tombstone beats node2's
+    # concurrent update (tombstones beat updates of the same incarnation)
+    cs.pause(lab)
+    try:
+        n1.sql("UPDATE public.g SET b = 'dup4' WHERE a = 4")
+        n2.sql("INSERT INTO public.g VALUES (4, 'dup4', 'first')")
+        n1.sql("UPDATE public.g SET v = 'last' WHERE a = 4 AND b = 'dup4'")
+        n2.sql("UPDATE public.g SET v = 'survivor' WHERE a = 4 AND b = 'k'")
+    finally:
+        cs.resume(lab)
+    cs.sync(lab)
+    rows = converged(lab, "public.g")
+    assert (4, "dup4", "last") in rows and not [r for r in rows if r[:2] == (4, "k")]
+    mesh.assert_healthy(lab)
+
+
+def test_duplicate_delivery_is_a_silent_noop(lab):
+    """A version re-delivered (copy + replay during node initialisation) changes nothing and logs nothing."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.f VALUES (500, 'dup', 0)")
+    converged(lab, "public.f")
+    n1.sql("UPDATE public.f SET n = 1 WHERE id = 500")
+    converged(lab, "public.f")
+    logged = n_conflicts(n2, "public.f")
+    # replay node1's current version of key 500 (and the row change) on node2 as the apply worker would
+    conn = n2.connect(autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_catalog.pg_replication_origin_create('steep_test_dup') "
+                        "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = 'steep_test_dup')")
+            cur.execute("SET session_replication_role = replica")
+            cur.execute("SELECT pg_catalog.pg_replication_origin_session_setup('steep_test_dup')")
+            cur.execute("UPDATE steep_repl.row_version SET origin_xid = origin_xid "
+                        "WHERE tbl = 'public.f' AND pk = '[500]'")          # identical version again
+            cur.execute("UPDATE public.f SET v = 'replayed' WHERE id = 500")  # its (older) row change
+            cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        conn.commit()
+    finally:
+        conn.close()
+    assert n2.sql("SELECT v, n FROM public.f WHERE id = 500") == [("dup", 1)]
+    assert n_conflicts(n2, "public.f") == logged
+
+
+def test_bulk_load_into_an_empty_analysed_table(lab):
+    """A generic plan made while the table was empty must not turn every lookup into a scan."""
+    n1, n2 = lab.nodes
+    for n in lab.nodes:
+        n.sql("VACUUM ANALYZE public.f")
+    n1.sql("DELETE FROM public.f")
+    converged(lab, "public.f")
+    for n in lab.nodes:
+        n.sql("VACUUM ANALYZE public.f")
+    n1.sql("INSERT INTO public.f SELECT g, 'bulk', 0 FROM generate_series(1000, 6000) g")
+    rows = mesh.wait_converged(lab, "SELECT count(*), sum(id) FROM public.f", timeout=120)
+    assert rows == [(5001, sum(range(1000, 6001)))]
+    converged(lab, "public.f")
+
+
+def test_truncate_then_same_key_inserted_on_both_nodes_converges(lab):
+    """TRUNCATE forgets the table's versions on every node, so keys inserted afterwards get first
+    versions again: the same key inserted on both nodes is an INSERT_INSERT conflict, never an
+    unversioned change that stops a subscription on insert_exists."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.g VALUES (100, 't', 'before'), (101, 't', 'before')")
+    converged(lab, "public.g")
+    n1.sql("TRUNCATE public.g")
+    assert converged(lab, "public.g") == []
+    for n in lab.nodes:
+        assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.g'") == [(0,)], n.name
+    before = n_conflicts(n1, "public.g") + n_conflicts(n2, "public.g")
+    cs.pause(lab)
+    try:
+        n1.sql("INSERT INTO public.g VALUES (100, 't', 'node1')")
+        n2.sql("INSERT INTO public.g VALUES (100, 't', 'node2')")
+    finally:
+        cs.resume(lab)
+    cs.sync(lab)
+    rows = converged(lab, "public.g")
+    assert len(rows) == 1 and rows[0][2] in ("node1", "node2"), rows
+    assert n_conflicts(n1, "public.g") + n_conflicts(n2, "public.g") > before
+    assert all(s[0] for n in lab.nodes for s in n.sql("SELECT subenabled FROM pg_catalog.pg_subscription"))
