@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from agent_support import AgentProc, make_configs, setup_extension, wait_for  # noqa: E402
 from steeplab import make_lab  # noqa: E402
+from _report import write_section  # noqa: E402
 
-BEGIN, END = "<!-- agent:begin -->", "<!-- agent:end -->"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -97,17 +97,6 @@ def run_agent(tmp, lab, interval, seconds, fake_peers):
             x.stop()
 
 
-def write_section(text):
-    doc = ROOT / "docs" / "benchmarks.md"
-    cur = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = "%s\n%s\n%s" % (BEGIN, text.strip(), END)
-    if BEGIN in cur and END in cur:
-        cur = cur[:cur.index(BEGIN)] + block + cur[cur.index(END) + len(END):]
-    else:
-        cur = cur.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(cur)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
@@ -145,7 +134,7 @@ bare Python interpreter that imported the same libraries and sleeps. Goal: < 60 
            oka=ok(idle), okt=ok(ten), acms=idle["cycle_ms"], tcms=ten["cycle_ms"], tpeers=ten["peers"])
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("agent", text)
     return 0 if ok(idle) == "yes" and ok(ten) == "yes" else 1
 
 

@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / ".collections"))
 
 from steeplab import make_lab  # noqa: E402
+from _report import write_section  # noqa: E402
 import mesh  # noqa: E402
 
-BEGIN, END = "<!-- conflicts:begin -->", "<!-- conflicts:end -->"
 STEEP_SUB, STEEP_SLOT = "steep_from_node1", "steep_to_node2"
 NAT_SUB = NAT_SLOT = "bench_nat"
 FINGERPRINT = "SELECT count(*), coalesce(sum(v), 0), coalesce(sum(id::bigint), 0) FROM public.%s"
@@ -141,24 +141,13 @@ def bulk(kind, table, rows, batches):
 def pgbench_style(table, rows, txs, seed):
     rnd = random.Random(seed)
     out, nxt = [], rows + 1
-    for _ in range(txs):
+    for _tx in range(txs):
         if rnd.random() < 0.1:
             out.append([("INSERT INTO public.%s VALUES (%%s, 0, repeat('y', 40))" % table, (nxt,))])
             nxt += 1
         else:
             out.append([("UPDATE public.%s SET v = v + 1 WHERE id = %%s" % table, (rnd.randint(1, rows),))])
     return out
-
-
-def write_section(text):
-    doc = ROOT / "docs" / "benchmarks.md"
-    cur = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = "%s\n%s\n%s" % (BEGIN, text.strip(), END)
-    if BEGIN in cur and END in cur:
-        cur = cur[:cur.index(BEGIN)] + block + cur[cur.index(END) + len(END):]
-    else:
-        cur = cur.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(cur)
 
 
 def measure(n1, n2, p1, p2, name, steep_txs, nat_txs, changes, results):
@@ -172,7 +161,9 @@ def measure(n1, n2, p1, p2, name, steep_txs, nat_txs, changes, results):
     run_sql(n1, steep_txs)
     advance(p1, NAT_SLOT)
     t_steep, cpu_steep = timed_apply(p1, p2, STEEP_SUB, "st")
-    per = (lambda cpu: "-" if cpu is None else "%.0f" % (cpu * 1e6 / changes))
+
+    def per(cpu):
+        return "-" if cpu is None else "%.0f" % (cpu * 1e6 / changes)
     results.append((name, changes, len(steep_txs), changes / t_nat, changes / t_steep, per(cpu_nat), per(cpu_steep)))
     print("%-14s %7d rows %5d txs: native %8.0f rows/s, steep %8.0f rows/s, %.2fx; apply CPU us/row %s / %s"
           % (name, changes, len(steep_txs), changes / t_nat, changes / t_steep, t_nat / t_steep,
@@ -279,7 +270,7 @@ versions are claimed in PL/pgSQL, each conflict writes a conflict_log row) and w
             platform.python_version(), "\n".join(lines), c, (c + 49) // 50, conf_rate, errors)
         print(text)
         if not args.no_write:
-            write_section(text)
+            write_section("conflicts", text)
         p1.close()
         p2.close()
     finally:

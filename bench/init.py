@@ -35,9 +35,8 @@ sys.path.insert(0, str(ROOT / ".collections"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from steeplab import make_lab  # noqa: E402
+from _report import write_section  # noqa: E402
 import mesh  # noqa: E402
-
-BEGIN, END = "<!-- init:begin -->", "<!-- init:end -->"
 
 
 def tables_sql(n):
@@ -72,7 +71,7 @@ def conn_args(node, dbname=None):
 
 def timed_shell(cmd, env):
     t0 = time.monotonic()
-    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env, executable="/bin/bash")
+    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env, executable="/bin/bash", check=False)
     if res.returncode != 0:
         raise RuntimeError("%s failed: %s" % (cmd, res.stderr[-2000:]))
     return time.monotonic() - t0
@@ -273,8 +272,8 @@ def main():
         inventory = lab.write_inventory(Path(tmp) / "inventory.yml", group_vars=group_vars)
 
         t0 = time.monotonic()
-        res = mesh.run_playbook("init_node.yml", inventory, extra_vars={"steep_init_target": "node3",
-                                                                         "steep_init_source": "node1"})
+        res = mesh.run_playbook("init_node.yml", inventory,
+                                extra_vars={"steep_init_target": "node3", "steep_init_source": "node1"})
         playbook_s = time.monotonic() - t0
         assert res.rc == 0, res.failure_messages() or res.stdout[-3000:]
         copy_s = float(dst.sql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM steep_repl.init_progress "
@@ -339,7 +338,7 @@ after the load). {trg_effect}
            rows="\n".join("| %s | %.2f | %d |" % p for p in parts), trg_effect=trigger_effect(parts))
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("init", text)
     return 0
 
 
@@ -350,17 +349,6 @@ def trigger_effect(parts):
                 % (no_trg, full))
     return "The target's triggers cost %.0f %% of the copy (%.2f s with them disabled vs %.2f s)." % (
         100.0 * (full - no_trg) / full, no_trg, full)
-
-
-def write_section(text):
-    doc = ROOT / "docs" / "benchmarks.md"
-    cur = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = "%s\n%s\n%s" % (BEGIN, text.strip(), END)
-    if BEGIN in cur and END in cur:
-        cur = cur[:cur.index(BEGIN)] + block + cur[cur.index(END) + len(END):]
-    else:
-        cur = cur.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(cur)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,12 @@ def test_own_versions_are_replaced_in_place_and_applied_natively(lab):
     n1.sql("UPDATE public.f SET v = 'b' WHERE id <= 50")
     n1.sql("DELETE FROM public.f WHERE id > 190")                 # tombstones in place too
     n1.sql("SELECT pg_catalog.pg_stat_force_next_flush()")
-    after = cs.wait_for(lambda: (lambda a: a if a[1] - before[1] >= 260 else None)(version_writes(n1)),
-                        what="row_version statistics")
+
+    def enough_writes():
+        a = version_writes(n1)
+        return a if a[1] - before[1] >= 260 else None
+
+    after = cs.wait_for(enough_writes, what="row_version statistics")
     assert after[2] == before[2], "a version of this node's own key was rewritten by DELETE + INSERT"
     rows = converged(lab, "public.f")
     assert len(rows) == 190 and rows[0] == (1, "b", 1) and rows[-1] == (190, "a", 1)

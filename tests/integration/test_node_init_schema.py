@@ -26,8 +26,9 @@ SOURCE_SQL = [
 TABLES = ["public.items", "public.lines"]
 
 
-def catalog(node, tables=TABLES):
+def catalog(node, tables=None):
     """The second query: columns (as the catalogs say), constraints, indexes and triggers of ``tables``."""
+    tables = list(TABLES) if tables is None else tables
     conn = node.connect()
     try:
         cols = schemasync.read_columns(conn, tables)
@@ -51,7 +52,8 @@ def fingerprint(node, table):
     return node.sql("SELECT steep_repl.compute_fingerprint(%s, %s)", (schema, name))[0][0]
 
 
-def _sync(source, target, mode, check_mode=False, tables=TABLES):
+def _sync(source, target, mode, check_mode=False, tables=None):
+    tables = list(TABLES) if tables is None else tables
     s, t = source.connect(), target.connect()
     try:
         return schemasync.sync(s, t, tables, mode, check_mode, target_id=target.name, source_id=source.name)
