@@ -35,7 +35,7 @@ def test_versions_of_local_writes(node):
     n.sql("SELECT steep_repl.enable_table('public.t')")
     n.sql("SELECT steep_repl.enable_table('public.t')")   # idempotent
     assert n.sql("SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.t'::regclass "
-                 "ORDER BY 1") == [("steep_repl_apply", "R"), ("steep_repl_capture", "O")]
+                 "ORDER BY 1") == [("steep_repl_apply", "R"), ("steep_repl_capture", "O"), ("steep_repl_truncate", "A")]
     pk = json.dumps([1, "a"], separators=(", ", ": "))
     n.sql("INSERT INTO public.t VALUES (1, 'a', 'x')")
     assert version(n, pk) == (0, 0, False, "I", False, {"id": 1, "k": "a", "v": "x"}, 0)

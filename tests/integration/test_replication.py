@@ -56,7 +56,7 @@ def test_mesh_setup_replicates_every_direction_and_is_idempotent(lab_factory, co
         assert st["slots"] == ["steep_to_" + p for p in peers]
         assert "public.t" in st["publication"] and "steep_repl.row_version" in st["publication"]
     # the conflict triggers were installed on every node (steep_repl.enable_table)
-    assert all(rows == [("t", "steep_repl_apply"), ("t", "steep_repl_capture")] for rows in triggers(lab).values())
+    assert all(rows == [("t", "steep_repl_apply"), ("t", "steep_repl_capture"), ("t", "steep_repl_truncate")] for rows in triggers(lab).values())
     write_everywhere_and_converge(lab)
     # the versions travel with the data
     versions = mesh.wait_converged(lab, "SELECT tbl, pk, ver_node FROM steep_repl.row_version ORDER BY 1, 2")
@@ -150,7 +150,7 @@ def test_adding_a_table_extends_publication_and_refreshes_subscriptions(lab_fact
     for n in lab.nodes:
         assert "public.t" not in mesh.mesh_state(n)["publication"]
         assert n.sql("SELECT count(*) FROM pg_subscription_rel WHERE srrelid = 'public.t'::regclass")[0][0] == 0
-    assert all(rows == [("t2", "steep_repl_apply"), ("t2", "steep_repl_capture")] for rows in triggers(lab).values())
+    assert all(rows == [("t2", "steep_repl_apply"), ("t2", "steep_repl_capture"), ("t2", "steep_repl_truncate")] for rows in triggers(lab).values())
     write_everywhere_and_converge(lab, "t2", start=20)
     res = run_playbook("site.yml", inv)
     assert res.rc == 0 and res.changed() == 0
