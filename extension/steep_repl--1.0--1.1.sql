@@ -1859,7 +1859,9 @@ RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
         ('DIVERGED', 'FAILED'), ('COPYING', 'PREPARING'), ('CATCHING_UP', 'PREPARING'),
         ('CATCHING_UP', 'COPYING'),
         -- reinit of a wired node (a mesh built by site.yml leaves its nodes UNINITIALIZED)
-        ('UNINITIALIZED', 'REINITIALIZING'), ('REINITIALIZING', 'CATCHING_UP'))
+        ('UNINITIALIZED', 'REINITIALIZING'), ('REINITIALIZING', 'CATCHING_UP'),
+        -- the divergence check (steep.repl.init step verify, playbooks/verify_mesh.yml)
+        ('UNINITIALIZED', 'DIVERGED'), ('DIVERGED', 'SYNCHRONIZED'))
 $$;
 
 -- Move a node to a new init state; every transition is written to audit_log.

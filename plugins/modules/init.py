@@ -29,6 +29,10 @@ description:
     (C(playbooks/reinit_node.yml)). The target goes REINITIALIZING, its incoming subscriptions pause during the copy (the
     slots keep every change), each table is swapped in one transaction under a replication origin that peers ignore, then
     the target catches up and is SYNCHRONIZED again. A reinit is an action, so it always reports C(changed).
+  - C(verify) compares every member with the O(source) member (the reference, C(playbooks/verify_mesh.yml)), safely
+    while writes run (a key is compared only where both nodes hold the same version of it), marks members whose rows
+    differ DIVERGED (the reason names the tables, keys and the reinit to run) and a DIVERGED member that no longer
+    differs SYNCHRONIZED again. It reports C(changed) only when a state changes; check mode reports without marking.
   - Every state change (UNINITIALIZED, PREPARING, COPYING, CATCHING_UP, SYNCHRONIZED, FAILED, ...) is written to
     C(steep_repl.nodes) and C(audit_log) on every reachable node; a failure leaves the target FAILED with the reason, and a
     re-run resumes.
@@ -42,13 +46,13 @@ options:
     description: Node id of the node to initialise (C(steep_init_target)).
     type: str
   source:
-    description: Node id of the SYNCHRONIZED node to copy from (C(steep_init_source)).
+    description: Node id of the SYNCHRONIZED node to copy from (C(steep_init_source)); for C(verify), the reference member.
     type: str
   step:
     description: Which step to run.
     type: str
     default: prepare
-    choices: [prepare, copy, finish, complete, status, reinit]
+    choices: [prepare, copy, finish, complete, status, reinit, verify]
   method:
     description:
       - C(snapshot) copies the data; C(manual) expects the user to restore a backup between C(prepare) and C(complete).
@@ -132,6 +136,15 @@ EXAMPLES = r"""
   run_once: true
   delegate_to: localhost
 
+- name: Which members differ from node_a (they become DIVERGED)
+  steep.repl.init:
+    nodes: "{{ steep_mesh_nodes }}"
+    source: node_a
+    tables: [public.orders]
+    step: verify
+  run_once: true
+  delegate_to: localhost
+
 - name: Reinitialise two tables of node_b from node_a
   steep.repl.init:
     nodes: "{{ steep_mesh_nodes }}"
@@ -172,6 +185,21 @@ progress:
   description: The target's C(steep_repl.init_status) row (tables/rows done and %, rows/s, ETA, current table).
   returned: when step is copy, reinit or status
   type: dict
+diverged:
+  description: Per member that differs from the reference, one line per table with the number of differing rows and keys.
+  returned: when step is verify
+  type: dict
+  sample: {node_b: ["public.orders: 2 row(s) differ (keys [17], [42])"]}
+marked:
+  description: Members marked DIVERGED by this run (cleared lists those back to SYNCHRONIZED).
+  returned: when step is verify
+  type: list
+  elements: str
+cleared:
+  description: DIVERGED members found identical again and marked SYNCHRONIZED.
+  returned: when step is verify
+  type: list
+  elements: str
 queries:
   description: SQL of the step (slots created, subscriptions), without passwords.
   returned: when available
@@ -185,6 +213,7 @@ import decimal
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, connect
 from ansible_collections.steep.repl.plugins.module_utils import nodeinit
+from ansible_collections.steep.repl.plugins.module_utils import verify
 from ansible_collections.steep.repl.plugins.module_utils.mesh_spec import mesh_nodes_spec
 from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_mesh
 
@@ -218,6 +247,8 @@ def run(module):
         finally:
             conn.close()
         return dict(changed=False, state=state, progress=_plain(rows[0]) if rows else None)
+    if p["step"] == "verify":
+        return verify.verify(specs, p["source"], p["tables"], p["schemas"], p["exclude"], module.check_mode)
     if p["step"] == "reinit":
         res = nodeinit.reinit(specs, p["target"], p["source"], p["tables"], p["schemas"], p["exclude"],
                               p["reinit_tables"], p["reinit_schema"], p["reinit_full"], module.check_mode,
@@ -252,7 +283,7 @@ def main():
             nodes=dict(type="list", elements="dict", required=True, options=mesh_nodes_spec()),
             target=dict(type="str"),
             source=dict(type="str"),
-            step=dict(type="str", default="prepare", choices=["prepare", "copy", "finish", "complete", "status", "reinit"]),
+            step=dict(type="str", default="prepare", choices=["prepare", "copy", "finish", "complete", "status", "reinit", "verify"]),
             method=dict(type="str", default="snapshot", choices=["snapshot", "manual"]),
             tables=dict(type="list", elements="str", default=[]),
             schemas=dict(type="list", elements="str", default=[]),
@@ -268,7 +299,7 @@ def main():
         ),
         required_if=[("step", "prepare", ("target", "source")), ("step", "copy", ("target", "source")),
                      ("step", "finish", ("target", "source")), ("step", "complete", ("target", "source", "source_lsn")),
-                     ("step", "status", ("target",)), ("step", "reinit", ("target", "source"))],
+                     ("step", "status", ("target",)), ("step", "reinit", ("target", "source")), ("step", "verify", ("source",))],
         supports_check_mode=True,
     )
     run_on_mesh(module, run)

@@ -301,3 +301,55 @@ def test_killed_reinit_is_recovered_by_rerun(lab_factory):
     assert n2.sql("SELECT count(*) FROM public.notes")[0][0] == 200001
     assert set(_states(lab, "node2").values()) == {"SYNCHRONIZED"}
     assert_healthy(lab)
+
+
+def _verify(inventory, check=False, **extra):
+    return run_playbook("verify_mesh.yml", inventory, extra_vars={"steep_verify_%s" % k: v for k, v in extra.items()},
+                        check=check)
+
+
+def test_verify_marks_diverged_under_writes_and_reinit_recovers(lab_factory):
+    """verify_mesh.yml: no false positive while writes run (keys compared only at equal versions);
+    damage that never replicated makes that member DIVERGED everywhere (check mode reports only),
+    the reason names the reinit; after it, verify finds everything identical again."""
+    lab = lab_factory(3, (17, 18))
+    inventory = build_mesh(lab, SETUP, GROUP_VARS)
+    _seed(lab)
+    n1, n2, n3 = lab.nodes
+    writers = [Writer(n, s, b) for n, s, b in ((n1, 1, 100000), (n2, 2, 200000))]
+    for w in writers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        res = _verify(inventory)
+        assert res.rc == 0 and res.changed() == 0, res.failure_messages() or res.stdout[-3000:]
+        _diverge(n3)
+        before = _snapshot(lab)
+        res = _verify(inventory, check=True)
+        assert res.rc == 0 and res.changed() >= 1, res.stdout[-3000:]
+        assert _states(lab, "node3") == {n.name: before[n.name][0][2][1] for n in lab.nodes}   # nothing marked
+        res = _verify(inventory, reference="node1")
+        assert res.rc == 0 and res.changed() >= 1, res.failure_messages() or res.stdout[-3000:]
+        assert set(_states(lab, "node3").values()) == {"DIVERGED"}
+        assert "DIVERGED" not in _states(lab, "node2").values()
+        reason = n1.sql("SELECT init_state_reason FROM steep_repl.nodes WHERE node_id = 'node3'")[0][0]
+        assert "public.items" in reason and "sales.orders" in reason and "reinit_node.yml" in reason, reason
+        assert _verify(inventory).changed() == 0                  # idempotent: already DIVERGED
+        res = _reinit(inventory, "node3", "node1", full=True)
+        assert res.rc == 0, res.failure_messages() or res.stdout[-3000:]
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join()
+    assert not [w.error for w in writers if w.error]
+    wait_converged(lab, QUERY_ITEMS, timeout=120)
+    wait_converged(lab, QUERY_ORDERS, timeout=60)
+    assert set(_states(lab, "node3").values()) == {"SYNCHRONIZED"}
+    res = _verify(inventory)
+    assert res.rc == 0 and res.changed() == 0, res.failure_messages() or res.stdout[-3000:]
+    # bad input: an unknown reference is refused, nothing changes
+    before = _snapshot(lab)
+    res = _verify(inventory, reference="node9")
+    assert res.rc != 0 and "node9" in " ".join(res.failure_messages()) and "Fix" in " ".join(res.failure_messages())
+    assert _snapshot(lab) == before
