@@ -776,6 +776,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The primary-key columns of a table in key order (NULL: no primary key). The canonical key of a
+-- row (row_version.pk) is pg_catalog.jsonb_build_array of these columns.
+CREATE OR REPLACE FUNCTION steep_repl._pk_columns(p_table pg_catalog.regclass) RETURNS TEXT[]
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord)
+    FROM pg_catalog.pg_constraint con
+    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    WHERE con.conrelid = p_table AND con.contype = 'p'
+$$;
+
 CREATE OR REPLACE FUNCTION steep_repl.enable_table(p_table pg_catalog.regclass)
 RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $gen$
 DECLARE
@@ -800,11 +811,7 @@ BEGIN
     END IF;
     v_tbl := v_schema || '.' || v_name;
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
-    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
-    FROM pg_catalog.pg_constraint con
-    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-    WHERE con.conrelid = p_table AND con.contype = 'p';
+    v_pk := steep_repl._pk_columns(p_table);
     IF v_pk IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key; steep.repl needs one to identify rows and resolve conflicts', v_tbl
             USING HINT = pg_catalog.format('Fix: ALTER TABLE %s ADD PRIMARY KEY (<columns>); on every node, then re-run.', v_q),
@@ -2049,6 +2056,17 @@ CREATE TABLE IF NOT EXISTS steep_repl.reconcile_push (
     PRIMARY KEY (tbl, pk)
 );
 
+-- The version a row without one is decided with: a first version (depth 0, epoch 0) made of the
+-- row's commit time (-infinity when unknown) and the node that holds it.
+CREATE OR REPLACE FUNCTION steep_repl._unversioned(p_tbl TEXT, p_pk TEXT, p_ts TIMESTAMPTZ, p_node TEXT, p_img JSONB)
+RETURNS steep_repl.row_version LANGUAGE plpgsql IMMUTABLE SET search_path = '' AS $$
+DECLARE v steep_repl.row_version;
+BEGIN
+    v.tbl := p_tbl; v.pk := p_pk; v.ver_ts := coalesce(p_ts, '-infinity'); v.ver_node := p_node;
+    v.depth := 0; v.epoch := 0; v.deleted := false; v.forced := false; v.gen := 0; v.op := 'I'; v.img := p_img;
+    RETURN v;
+END $$;
+
 -- Reconcile one table of the (not yet wired) local node with the source's rows and versions staged
 -- by the caller in pg_temp.steep_rec_rows (the columns + steep_ts, the commit time of the source
 -- row when known) and pg_temp.steep_rec_versions. Runs in the caller's transaction with
@@ -2071,11 +2089,7 @@ BEGIN
       FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE k.oid = p_table;
     v_tbl := v_schema || '.' || v_name;
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
-    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
-      FROM pg_catalog.pg_constraint con
-     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-     WHERE con.conrelid = p_table AND con.contype = 'p';
+    v_pk := steep_repl._pk_columns(p_table);
     IF v_pk IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key, so its rows cannot be reconciled', v_tbl
             USING HINT = 'Fix: add a primary key on every node (steep.repl needs one), then re-run.';
@@ -2118,18 +2132,12 @@ BEGIN
         sv := NULL;
         SELECT * INTO sv FROM pg_temp.steep_rec_versions v WHERE v.tbl = v_tbl AND v.pk = c.pk AND NOT v.deleted;
         IF NOT FOUND THEN
-            sv := NULL;
-            sv.tbl := v_tbl; sv.pk := c.pk; sv.ver_ts := coalesce(c.s_ts, '-infinity'); sv.ver_node := p_source;
-            sv.depth := 0; sv.epoch := 0; sv.deleted := false; sv.forced := false; sv.gen := 0; sv.op := 'I';
-            sv.img := c.s_img;
+            sv := steep_repl._unversioned(v_tbl, c.pk, c.s_ts, p_source, c.s_img);
         END IF;
         lv := NULL;
         SELECT * INTO lv FROM steep_repl.row_version v WHERE v.tbl = v_tbl AND v.pk = c.pk AND NOT v.deleted;
         IF NOT FOUND THEN
-            lv := NULL;
-            lv.tbl := v_tbl; lv.pk := c.pk; lv.ver_ts := coalesce(c.t_ts, '-infinity'); lv.ver_node := v_me;
-            lv.depth := 0; lv.epoch := 0; lv.deleted := false; lv.forced := false; lv.gen := 0; lv.op := 'I';
-            lv.img := c.t_img;
+            lv := steep_repl._unversioned(v_tbl, c.pk, c.t_ts, v_me, c.t_img);
         END IF;
         v_remote := CASE v_strategy WHEN 'keep_local' THEN false WHEN 'apply_remote' THEN true
                                     ELSE steep_repl._beats(v_strategy, v_list, sv, lv) END;

@@ -650,6 +650,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The primary-key columns of a table in key order (NULL: no primary key). The canonical key of a
+-- row (row_version.pk) is pg_catalog.jsonb_build_array of these columns.
+CREATE OR REPLACE FUNCTION steep_repl._pk_columns(p_table pg_catalog.regclass) RETURNS TEXT[]
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord)
+    FROM pg_catalog.pg_constraint con
+    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    WHERE con.conrelid = p_table AND con.contype = 'p'
+$$;
+
 CREATE OR REPLACE FUNCTION steep_repl.enable_table(p_table pg_catalog.regclass)
 RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $gen$
 DECLARE
@@ -674,11 +685,7 @@ BEGIN
     END IF;
     v_tbl := v_schema || '.' || v_name;
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
-    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
-    FROM pg_catalog.pg_constraint con
-    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-    WHERE con.conrelid = p_table AND con.contype = 'p';
+    v_pk := steep_repl._pk_columns(p_table);
     IF v_pk IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key; steep.repl needs one to identify rows and resolve conflicts', v_tbl
             USING HINT = pg_catalog.format('Fix: ALTER TABLE %s ADD PRIMARY KEY (<columns>); on every node, then re-run.', v_q),

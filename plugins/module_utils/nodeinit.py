@@ -23,6 +23,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import os
 import re
 import threading
@@ -131,6 +132,55 @@ def has_row_version(conn):
     return bool(fetch_value(conn, "SELECT pg_catalog.to_regclass('steep_repl.row_version') IS NOT NULL"))
 
 
+@contextlib.contextmanager
+def _copy_transaction(source_kw, target_kw):
+    """(source cursor, target cursor) of one copy: the target's work commits when the block ends
+    (rolls back on any error, all or nothing); the source only reads; both connections close."""
+    src = connect(source_kw, autocommit=False)
+    try:
+        dst = connect(target_kw, autocommit=False)
+    except Exception:
+        src.close()
+        raise
+    try:
+        with src.cursor() as scur, dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            yield scur, dcur
+        src.rollback()
+        dst.commit()
+    except Exception:
+        dst.rollback()
+        raise
+    finally:
+        src.close()
+        dst.close()     # also releases a replication origin set up in the session
+
+
+def _versions_select(scur, tbl, vcols):
+    return scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode()
+
+
+def _stage(scur, dcur, prefix, schema, name, on_progress=None, extra=None):
+    """COPY the source's rows of one table and their versions into the target's temp tables
+    ``pg_temp.<prefix>_rows`` / ``pg_temp.<prefix>_versions`` (dropped at commit). ``extra``:
+    (column, type, source expression over the row alias steep_x) appended to the rows.
+    Returns (rows copied, quoted table, column list, version column list)."""
+    qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
+    dconn = dcur.connection
+    cols = ", ".join(quote_ident(c) for c in _columns(dconn, qual))
+    vcols = ", ".join(quote_ident(c) for c in _columns(dconn, "steep_repl.row_version"))
+    xcol, xtype, xsel = extra or (None, None, None)
+    dcur.execute("CREATE TEMP TABLE %s_rows ON COMMIT DROP AS SELECT %s%s FROM %s WITH NO DATA"
+                 % (prefix, cols, ", NULL::%s AS %s" % (xtype, xcol) if extra else "", qual))
+    dcur.execute("CREATE TEMP TABLE %s_versions ON COMMIT DROP AS SELECT %s FROM steep_repl.row_version WITH NO DATA"
+                 % (prefix, vcols))
+    rows = _stream(scur, dcur, "SELECT %s%s FROM %s steep_x" % (cols, ", " + xsel if extra else "", qual),
+                   "COPY pg_temp.%s_rows (%s%s) FROM STDIN" % (prefix, cols, ", " + xcol if extra else ""), on_progress)
+    _stream(scur, dcur, _versions_select(scur, "%s.%s" % (schema, name), vcols),
+            "COPY pg_temp.%s_versions (%s) FROM STDIN" % (prefix, vcols))
+    return rows, qual, cols, vcols
+
+
 def copy_table(source_kw, target_kw, schema, name, on_progress=None, replace=False, origin=None):
     """Copy one table and its row versions from the source, in ONE source snapshot.
 
@@ -141,77 +191,44 @@ def copy_table(source_kw, target_kw, schema, name, on_progress=None, replace=Fal
     Returns the number of rows copied. Runs in one target transaction: all or nothing.
     """
     qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
-    src = connect(source_kw, autocommit=False)
-    dst = connect(target_kw, autocommit=False)
-    try:
-        with src.cursor() as scur, dst.cursor() as dcur:
-            scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    with _copy_transaction(source_kw, target_kw) as (scur, dcur):
+        scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        dst = dcur.connection
+        if origin:
+            ensure_origin(dst, origin)
+            dcur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (origin,))
+        if replace:
+            dcur.execute("DELETE FROM %s" % qual)
+        cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
+        rows = _stream(scur, dcur, "SELECT %s FROM %s" % (cols, qual),
+                       "COPY %s (%s) FROM STDIN" % (qual, cols), on_progress)
+        if has_row_version(scur.connection) and has_row_version(dst):
+            tbl = "%s.%s" % (schema, name)
+            dcur.execute("DELETE FROM steep_repl.row_version WHERE tbl = %s", (tbl,))
+            vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
+            if not origin:  # a plain copy: row_version's REPLICA trigger would only return each row unchanged
+                dcur.execute("SET LOCAL session_replication_role = origin")
+            _stream(scur, dcur, _versions_select(scur, tbl, vcols),
+                    "COPY steep_repl.row_version (%s) FROM STDIN" % vcols)
             dcur.execute("SET LOCAL session_replication_role = replica")
-            if origin:
-                ensure_origin(dst, origin)
-                dcur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (origin,))
-            if replace:
-                dcur.execute("DELETE FROM %s" % qual)
-            cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
-            rows = _stream(scur, dcur, "SELECT %s FROM %s" % (cols, qual),
-                           "COPY %s (%s) FROM STDIN" % (qual, cols), on_progress)
-            if has_row_version(src) and has_row_version(dst):
-                tbl = "%s.%s" % (schema, name)
-                dcur.execute("DELETE FROM steep_repl.row_version WHERE tbl = %s", (tbl,))
-                vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
-                if not origin:  # a plain copy: row_version's REPLICA trigger would only return each row unchanged
-                    dcur.execute("SET LOCAL session_replication_role = origin")
-                _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols,
-                                                 (tbl,)).decode(),
-                        "COPY steep_repl.row_version (%s) FROM STDIN" % vcols)
-                dcur.execute("SET LOCAL session_replication_role = replica")
-            if origin:
-                dcur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
-        dst.commit()
-        return rows
-    except Exception:
-        dst.rollback()
-        raise
-    finally:
-        src.close()
-        dst.close()
+        if origin:
+            dcur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+    return rows
 
 
 def reconcile_copy_table(source_kw, target_kw, schema, name, source_node, on_progress=None):
     """existing_data=reconcile: merge one table of a joining (not yet wired) target with the
     source's rows and versions, in ONE source snapshot and ONE target transaction
     (``steep_repl.reconcile_table`` decides). Returns (rows read from the source, counts)."""
-    qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
-    src = connect(source_kw, autocommit=False)
-    dst = connect(target_kw, autocommit=False)
-    try:
-        with src.cursor() as scur, dst.cursor() as dcur:
-            scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            dcur.execute("SET LOCAL session_replication_role = replica")
-            cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
-            vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
-            dcur.execute("CREATE TEMP TABLE steep_rec_rows ON COMMIT DROP AS SELECT %s, NULL::timestamptz AS steep_ts "
-                         "FROM %s WITH NO DATA" % (cols, qual))
-            dcur.execute("CREATE TEMP TABLE steep_rec_versions ON COMMIT DROP AS SELECT %s FROM steep_repl.row_version "
-                         "WITH NO DATA" % vcols)
-            rows = _stream(scur, dcur,
-                           "SELECT %s, CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean THEN "
-                           "pg_catalog.pg_xact_commit_timestamp(steep_x.xmin) END FROM %s steep_x" % (cols, qual),
-                           "COPY pg_temp.steep_rec_rows (%s, steep_ts) FROM STDIN" % cols, on_progress)
-            tbl = "%s.%s" % (schema, name)
-            _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode(),
-                    "COPY pg_temp.steep_rec_versions (%s) FROM STDIN" % vcols)
-            dcur.execute("SELECT steep_repl.reconcile_table(%s::regclass, %s)", (qual, source_node))
-            counts = dcur.fetchone()[0]
-        src.rollback()
-        dst.commit()
-        return rows, counts
-    except Exception:
-        dst.rollback()
-        raise
-    finally:
-        src.close()
-        dst.close()
+    with _copy_transaction(source_kw, target_kw) as (scur, dcur):
+        scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        rows, qual, _cols, _vcols = _stage(
+            scur, dcur, "steep_rec", schema, name, on_progress,
+            extra=("steep_ts", "timestamptz", "CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean "
+                                              "THEN pg_catalog.pg_xact_commit_timestamp(steep_x.xmin) END"))
+        dcur.execute("SELECT steep_repl.reconcile_table(%s::regclass, %s)", (qual, source_node))
+        counts = dcur.fetchone()[0]
+    return rows, counts
 
 
 def push_reconciled(target_kw, attempts=5):
@@ -707,42 +724,22 @@ def reinit_table(source_kw, target_kw, schema, name, marker, on_progress=None, l
     ``steep_repl._reinit_swap`` under the replication origin ``steep_reinit`` (peers subscribed with
     origin = none never receive the rewrite). Returns the number of rows copied.
     """
-    qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
-    src = connect(source_kw, autocommit=False)
-    dst = connect(target_kw, autocommit=False)
-    try:
-        with src.cursor() as scur, dst.cursor() as dcur:
-            dcur.execute("SET LOCAL session_replication_role = replica")
-            dcur.execute("SET LOCAL lock_timeout = %s", ("%ds" % lock_timeout,))
-            dcur.execute("LOCK TABLE %s IN EXCLUSIVE MODE" % qual)
-            dcur.execute("SET LOCAL lock_timeout = 0")
-            marker()
-            scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cols = ", ".join(quote_ident(c) for c in _columns(dst, qual))
-            vcols = ", ".join(quote_ident(c) for c in _columns(dst, "steep_repl.row_version"))
-            dcur.execute("CREATE TEMP TABLE steep_reinit_rows ON COMMIT DROP AS SELECT %s FROM %s WITH NO DATA" % (cols, qual))
-            dcur.execute("CREATE TEMP TABLE steep_reinit_versions ON COMMIT DROP AS SELECT %s FROM steep_repl.row_version "
-                         "WITH NO DATA" % vcols)
-            rows = _stream(scur, dcur, "SELECT %s FROM %s" % (cols, qual),
-                           "COPY pg_temp.steep_reinit_rows (%s) FROM STDIN" % cols, on_progress)
-            tbl = "%s.%s" % (schema, name)
-            _stream(scur, dcur, scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode(),
-                    "COPY pg_temp.steep_reinit_versions (%s) FROM STDIN" % vcols)
-            dcur.execute("CREATE TEMP TABLE steep_reinit_go (tbl text, qual text, cols text, vcols text) ON COMMIT DROP")
-            dcur.execute("CREATE TRIGGER steep_reinit_go AFTER INSERT ON pg_temp.steep_reinit_go FOR EACH ROW "
-                         "EXECUTE FUNCTION steep_repl._reinit_swap()")
-            dcur.execute("ALTER TABLE pg_temp.steep_reinit_go ENABLE ALWAYS TRIGGER steep_reinit_go")
-            dcur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (REINIT_ORIGIN,))
-            dcur.execute("INSERT INTO pg_temp.steep_reinit_go VALUES (%s, %s, %s, %s)", (tbl, qual, cols, vcols))
-        src.rollback()
-        dst.commit()
-        return rows
-    except Exception:
-        dst.rollback()
-        raise
-    finally:
-        src.close()
-        dst.close()  # also releases the replication origin of the session
+    with _copy_transaction(source_kw, target_kw) as (scur, dcur):
+        qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
+        dcur.execute("SET LOCAL lock_timeout = %s", ("%ds" % lock_timeout,))
+        dcur.execute("LOCK TABLE %s IN EXCLUSIVE MODE" % qual)
+        dcur.execute("SET LOCAL lock_timeout = 0")
+        marker()
+        scur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")     # snapshot after the marker
+        rows, qual, cols, vcols = _stage(scur, dcur, "steep_reinit", schema, name, on_progress)
+        dcur.execute("CREATE TEMP TABLE steep_reinit_go (tbl text, qual text, cols text, vcols text) ON COMMIT DROP")
+        dcur.execute("CREATE TRIGGER steep_reinit_go AFTER INSERT ON pg_temp.steep_reinit_go FOR EACH ROW "
+                     "EXECUTE FUNCTION steep_repl._reinit_swap()")
+        dcur.execute("ALTER TABLE pg_temp.steep_reinit_go ENABLE ALWAYS TRIGGER steep_reinit_go")
+        dcur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (REINIT_ORIGIN,))
+        dcur.execute("INSERT INTO pg_temp.steep_reinit_go VALUES (%s, %s, %s, %s)",
+                     ("%s.%s" % (schema, name), qual, cols, vcols))
+    return rows
 
 
 def reinit(specs, target, source, tables=None, schemas=None, excluded=None, reinit_tables=None,

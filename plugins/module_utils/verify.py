@@ -15,21 +15,17 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, fetch_all, quote_ident
+from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, fetch_value, quote_ident
 
 SAMPLE_KEYS = 5
 
 
 def _pk_columns(conn, table):
-    rows = fetch_all(conn, """
-        SELECT a.attname FROM pg_catalog.pg_constraint con
-        CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-        WHERE con.conrelid = %s::pg_catalog.regclass AND con.contype = 'p' ORDER BY k.ord""", (table,))
-    if not rows:
+    cols = fetch_value(conn, "SELECT steep_repl._pk_columns(%s::pg_catalog.regclass)", (table,))
+    if not cols:
         raise SteepError("table %s has no primary key, so it cannot be compared. Fix: add one (it is required for "
                          "replication anyway)." % table)
-    return [r["attname"] for r in rows]
+    return cols
 
 
 def snapshot(conn, table):
@@ -82,7 +78,7 @@ def verify(specs, reference, tables=None, schemas=None, excluded=None, check_mod
     records it, with the tables and keys as the reason); a DIVERGED member that no longer differs
     goes back to SYNCHRONIZED. Only SYNCHRONIZED / UNINITIALIZED (wired) members are marked: a node
     in the middle of an init or reinit is reported, not marked. Returns a result dict."""
-    from ansible_collections.steep.repl.plugins.module_utils.db import connect, fetch_value
+    from ansible_collections.steep.repl.plugins.module_utils.db import connect
     from ansible_collections.steep.repl.plugins.module_utils.nodeinit import set_state_everywhere
     from ansible_collections.steep.repl.plugins.module_utils.replication import (
         build_members, candidate_catalog, candidate_schemas, resolve_tables)
