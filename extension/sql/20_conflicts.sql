@@ -614,7 +614,24 @@ BEGIN
         END IF;
         RETURN NULL;
     ELSIF TG_OP = 'INSERT' THEN
-        IF pg_catalog.pg_trigger_depth() > 1 OR steep_repl._version_decide(false, NULL, NEW) THEN
+        IF pg_catalog.pg_trigger_depth() > 1 THEN
+            RETURN NEW;
+        END IF;
+        -- fast path of a first version (bulk INSERT): claim the key here, ON CONFLICT because a local
+        -- writer may insert the same key concurrently; the native INSERT of the row that follows is
+        -- checked by the user-table trigger ("g": a row without a version may exist). Anything else
+        -- (a local version exists, forced, tombstone, something pending) is decided by _version_decide.
+        IF NEW.op = 'I' AND NOT NEW.forced AND NOT NEW.deleted
+           AND pg_catalog.current_setting('deadlock_timeout') = '5s'
+           AND coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = ''
+           AND pg_catalog.pg_replication_origin_session_is_setup() THEN
+            INSERT INTO steep_repl.row_version VALUES (NEW.*) ON CONFLICT (tbl, pk) DO NOTHING;
+            IF FOUND THEN
+                PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
+                RETURN NULL;
+            END IF;
+        END IF;
+        IF steep_repl._version_decide(false, NULL, NEW) THEN
             RETURN NEW;
         END IF;
         RETURN NULL;
