@@ -82,7 +82,7 @@ def settle(pub, slots):
     """Move the (inactive, caught-up) slots' restart_lsn up to now: a walsender starts decoding at its
     slot's restart_lsn, and one left behind would decode (and discard) the other side's workload again
     while it is timed. A running-xacts record followed by an advance past it moves restart_lsn there."""
-    for _ in range(2):
+    for _round in range(2):
         pub.q("SELECT pg_catalog.pg_log_standby_snapshot()")
         for slot in slots:
             advance(pub, slot)
