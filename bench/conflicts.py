@@ -104,10 +104,9 @@ def walsender_pid(pub, subname):
     return r[0][0] if r else None
 
 
-def timed_apply(pub, sub, subname, table, timeout=900):
-    """Enable the subscription; (seconds from its apply worker's start until sub's table matches pub's,
-    CPU seconds the apply worker used)."""
-    want = pub.q(FINGERPRINT % table)
+def timed_apply(pub, sub, subname, done, what, timeout=900):
+    """Enable the subscription; (seconds from its apply worker's start until done() holds, CPU seconds
+    its apply worker and its walsender used). The subscription is disabled again afterwards."""
     set_enabled(sub, subname, True)
     t0 = time.monotonic()
     start = pid = wpid = None
@@ -119,15 +118,20 @@ def timed_apply(pub, sub, subname, table, timeout=900):
             start, pid = r[0] if r else (None, None)
         if wpid is None:
             wpid = walsender_pid(pub, subname)
-        got = sub.q(FINGERPRINT % table)
-        if start is not None and got == want:
+        if start is not None and done():
             now = sub.q("SELECT pg_catalog.clock_timestamp()")[0][0]
             cpu, wcpu = cpu_seconds(pid), (cpu_seconds(wpid) if wpid else None)
             set_enabled(sub, subname, False)
             return (now - start).total_seconds(), cpu, wcpu
         if time.monotonic() - t0 > timeout:
-            raise RuntimeError("subscription %s did not catch up on %s" % (subname, table))
+            raise RuntimeError("subscription %s did not catch up on %s" % (subname, what))
         time.sleep(0.01)
+
+
+def caught_up(pub, sub, table):
+    """A done() for timed_apply: sub's table matches pub's (pub is not written meanwhile)."""
+    want = pub.q(FINGERPRINT % table)
+    return lambda: sub.q(FINGERPRINT % table) == want
 
 
 def run_sql(node, stmts):
@@ -202,7 +206,7 @@ def measure(n1, p1, p2, name, workload, changes, results):
             for q in TRIGGERS_OFF:
                 p2.q(q)
         try:
-            out[side] = timed_apply(p1, p2, sub, table)
+            out[side] = timed_apply(p1, p2, sub, caught_up(p1, p2, table), table)
         finally:
             if side == "floor":
                 for q in TRIGGERS_ON:
@@ -277,25 +281,10 @@ def main():
         run_sql(n2, [[("UPDATE public.cf SET v = v + 1000", None)]])       # node2's own versions of every key
         run_sql(n1, [[("UPDATE public.cf SET v = v + 1 WHERE id BETWEEN %s AND %s", (lo, lo + 49))]
                      for lo in range(1, c + 1, 50)])
+        t_conf, conf_cpu, conf_wcpu = timed_apply(
+            p1, p2, STEEP_SUB, lambda: p2.q("SELECT count(*) FROM steep_repl.conflict_log")[0][0] - before >= c,
+            "the conflicts")
         set_enabled(p2, STEEP_SUB, True)
-        t0 = time.monotonic()
-        start = conf_wpid = None
-        while True:
-            if start is None:
-                rr = p2.q("SELECT a.backend_start, a.pid FROM pg_catalog.pg_stat_subscription s JOIN pg_catalog.pg_stat_activity a "
-                          "ON a.pid = s.pid WHERE s.subname = %s AND s.relid IS NULL", (STEEP_SUB,))
-                start, conf_pid = rr[0] if rr else (None, None)
-            if conf_wpid is None:
-                conf_wpid = walsender_pid(p1, STEEP_SUB)
-            logged = p2.q("SELECT count(*) FROM steep_repl.conflict_log")[0][0] - before
-            if start is not None and logged >= c:
-                t_conf = (p2.q("SELECT pg_catalog.clock_timestamp()")[0][0] - start).total_seconds()
-                conf_cpu = cpu_seconds(conf_pid)
-                conf_wcpu = cpu_seconds(conf_wpid) if conf_wpid else None
-                break
-            if time.monotonic() - t0 > 900:
-                raise RuntimeError("conflicts not applied")
-            time.sleep(0.01)
         set_enabled(p1, "steep_from_node2", True)
         mesh.wait_converged(lab, "SELECT count(*), sum(v) FROM public.cf", timeout=300)
         for t in ("st", "fl", "nat", "np", "np2"):
