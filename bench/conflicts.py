@@ -310,11 +310,12 @@ triggers disabled, the **floor**: what shipping and applying one version row wit
 before any decision is made (no conflicts here, so the rows end the same); and to two native tables at
 once, every change written to both, the **pair**: what a second row change per user change costs when
 that row is as cheap as the user row itself, the best any carrier of a version next to each change could
-do in the apply worker. Each side is written while the subscriptions are disabled; every slot is then moved past the WAL it must not apply, restart_lsn included
-(a walsender decodes from restart_lsn: a slot left behind would decode the other side's workload again
-while it is timed, which made earlier runs of this benchmark flatter steep); the apply is timed from the
-start of the apply worker until node2 holds node1's rows (wall clock; the machine is shared, so read the
-ratios and the CPU per row, which varies less). Goal: steep >= 0.80x native on every workload.
+do in the apply worker. Each side is written while the subscriptions are disabled; every slot is then
+moved past the WAL it must not apply, restart_lsn included (a walsender decodes from restart_lsn: a slot
+left behind would decode the other side's workload again while it is timed, which made earlier runs of
+this benchmark flatter steep); the apply is timed from the start of the apply worker until node2 holds
+node1's rows (wall clock; the machine is shared, so read the ratios and the CPU per row, which varies
+less). Goal: steep >= 0.80x native on every workload.
 
 %s
 %s
