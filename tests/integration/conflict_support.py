@@ -95,6 +95,28 @@ def apply_errors(lab):
                           "WHERE subname LIKE 'steep\\_%%'")[0][0] for n in lab.nodes}
 
 
+def write_loop(node, stop, step, errors, pause=0.005):
+    """The body of a background writer thread: step(cur, i) makes one autocommit write (i = 1, 2, ...)
+    until stop is set. A deadlock error is the local write the engine cancels on purpose
+    (docs/conflicts.md): that write never happened anywhere, the loop goes on with the next one. Any
+    other error ends the loop and is appended to errors (the test reports it)."""
+    conn = node.connect()
+    i = 0
+    try:
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                i += 1
+                try:
+                    step(cur, i)
+                except psycopg2.errors.DeadlockDetected:
+                    continue
+                time.sleep(pause)
+    except Exception as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+    finally:
+        conn.close()
+
+
 def run_workload(lab, table, seed, seconds=3.0, keys=6, threads_per_node=2):
     """Concurrent writers on every node over the same hot keys: updates, inserts of the same keys,
     deletes and multi-row transactions (keys locked in ascending order). Returns op counts."""

@@ -3,9 +3,9 @@ import random
 import threading
 import time
 
-import psycopg2
 import pytest
 
+from conflict_support import write_loop
 from conftest import run_playbook
 from mesh import assert_healthy, build_mesh, wait_converged
 
@@ -20,31 +20,16 @@ QUERY_NOTES = "SELECT k, body FROM public.notes ORDER BY k"
 
 def _writer(node, seed, stop, errors, base):
     rnd = random.Random(seed)
-    conn = node.connect()
-    i = 0
-    try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                i += 1
-                op = rnd.random()
-                try:
-                    if op < 0.5:
-                        cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
-                    elif op < 0.9:
-                        cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s",
-                                    (node.name, rnd.randint(1, 200)))
-                    else:
-                        cur.execute("DELETE FROM public.items WHERE id = %s", (base + rnd.randint(1, max(i - 1, 1)),))
-                except psycopg2.errors.DeadlockDetected:
-                    # docs/conflicts.md: a local write that deadlocks with the apply worker is the one
-                    # cancelled (short deadlock_timeout), as a client would see it; this writer just goes
-                    # on with its next random write (the cancelled one never happened anywhere).
-                    continue
-                time.sleep(0.005)
-    except Exception as exc:  # pragma: no cover - reported by the test
-        errors.append(exc)
-    finally:
-        conn.close()
+
+    def step(cur, i):
+        op = rnd.random()
+        if op < 0.5:
+            cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
+        elif op < 0.9:
+            cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s", (node.name, rnd.randint(1, 200)))
+        else:
+            cur.execute("DELETE FROM public.items WHERE id = %s", (base + rnd.randint(1, max(i - 1, 1)),))
+    write_loop(node, stop, step, errors)
 
 
 def _states(lab, node_id):

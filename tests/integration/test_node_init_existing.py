@@ -4,9 +4,9 @@ import random
 import threading
 import time
 
-import psycopg2
 import pytest
 
+from conflict_support import write_loop
 from conftest import run_playbook
 from mesh import assert_healthy, build_mesh, wait_converged
 
@@ -24,25 +24,13 @@ QUERY_NOTES = "SELECT k, body FROM public.notes ORDER BY k"
 def _writer(node, seed, stop, errors, base):
     """Writes on the existing members while the new node joins (never touches ids 1..50)."""
     rnd = random.Random(seed)
-    conn = node.connect()
-    i = 0
-    try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                i += 1
-                try:
-                    if rnd.random() < 0.5:
-                        cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
-                    else:
-                        cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s",
-                                    (node.name, rnd.randint(51, 100)))
-                except psycopg2.errors.DeadlockDetected:
-                    continue  # docs/conflicts.md: the local write is the documented victim
-                time.sleep(0.005)
-    except Exception as exc:  # pragma: no cover - reported by the test
-        errors.append(exc)
-    finally:
-        conn.close()
+
+    def step(cur, i):
+        if rnd.random() < 0.5:
+            cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
+        else:
+            cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s", (node.name, rnd.randint(51, 100)))
+    write_loop(node, stop, step, errors)
 
 
 def _states(lab, node_id):

@@ -13,9 +13,9 @@ import subprocess
 import threading
 import time
 
-import psycopg2
 import pytest
 
+from conflict_support import write_loop
 from conftest import run_playbook
 from mesh import assert_healthy, build_mesh, mesh_state, wait_converged
 
@@ -32,32 +32,20 @@ INIT = {"steep_init_target": "node3", "steep_init_source": "node1"}
 
 def _writer(node, seed, stop, errors, base, counter):
     rnd = random.Random(seed)
-    conn = node.connect()
-    i = 0
-    try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                i += 1
-                op = rnd.random()
-                try:
-                    if op < 0.5:
-                        cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
-                    elif op < 0.8:
-                        cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s",
-                                    (node.name, rnd.randint(1, 300)))
-                    elif op < 0.9:
-                        cur.execute("UPDATE public.notes SET body = %s WHERE k = %s",
-                                    ("%s-%d" % (node.name, i), "k%d" % rnd.randint(1, 2000)))
-                    else:
-                        cur.execute("DELETE FROM public.items WHERE id = %s", (base + rnd.randint(1, max(i - 1, 1)),))
-                    counter[0] += 1
-                except psycopg2.errors.DeadlockDetected:
-                    continue  # docs/conflicts.md: the local write is the one cancelled; it never happened
-                time.sleep(0.004)
-    except Exception as exc:  # pragma: no cover - reported by the test
-        errors.append(exc)
-    finally:
-        conn.close()
+
+    def step(cur, i):
+        op = rnd.random()
+        if op < 0.5:
+            cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (base + i, node.name))
+        elif op < 0.8:
+            cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s", (node.name, rnd.randint(1, 300)))
+        elif op < 0.9:
+            cur.execute("UPDATE public.notes SET body = %s WHERE k = %s",
+                        ("%s-%d" % (node.name, i), "k%d" % rnd.randint(1, 2000)))
+        else:
+            cur.execute("DELETE FROM public.items WHERE id = %s", (base + rnd.randint(1, max(i - 1, 1)),))
+        counter[0] += 1
+    write_loop(node, stop, step, errors, pause=0.004)
 
 
 class Writers:

@@ -3,9 +3,9 @@ import random
 import threading
 import time
 
-import psycopg2
 import pytest
 
+from conflict_support import write_loop
 from conftest import run_playbook
 from mesh import assert_healthy, build_mesh, wait_converged
 
@@ -31,40 +31,31 @@ class Writer(threading.Thread):
         self.stop = threading.Event()
         self.alive = set()
         self.notes = set()
-        self.error = None
+        self.errors = []
+
+    @property
+    def error(self):
+        return self.errors[0] if self.errors else None
+
+    def _step(self, cur, i):
+        op = self.rnd.random()
+        if op < 0.4:
+            cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (self.base + i, self.node.name))
+            self.alive.add(self.base + i)
+        elif op < 0.7:
+            cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s",
+                        (self.node.name, self.rnd.randint(1, 100)))
+        elif op < 0.8 and self.alive:
+            victim = self.rnd.choice(sorted(self.alive))
+            cur.execute("DELETE FROM public.items WHERE id = %s", (victim,))
+            self.alive.discard(victim)
+        else:  # another table keeps replicating during the reinit
+            key = "%s-%d" % (self.node.name, i)
+            cur.execute("INSERT INTO public.notes VALUES (%s, 'w')", (key,))
+            self.notes.add(key)
 
     def run(self):
-        conn = self.node.connect()
-        i = 0
-        try:
-            with conn.cursor() as cur:
-                while not self.stop.is_set():
-                    i += 1
-                    op = self.rnd.random()
-                    try:
-                        if op < 0.4:
-                            cur.execute("INSERT INTO public.items VALUES (%s, %s, 0)", (self.base + i, self.node.name))
-                            self.alive.add(self.base + i)
-                        elif op < 0.7:
-                            cur.execute("UPDATE public.items SET n = n + 1, val = %s WHERE id = %s",
-                                        (self.node.name, self.rnd.randint(1, 100)))
-                        elif op < 0.8 and self.alive:
-                            victim = self.rnd.choice(sorted(self.alive))
-                            cur.execute("DELETE FROM public.items WHERE id = %s", (victim,))
-                            self.alive.discard(victim)
-                        else:  # another table keeps replicating during the reinit
-                            key = "%s-%d" % (self.node.name, i)
-                            cur.execute("INSERT INTO public.notes VALUES (%s, 'w')", (key,))
-                            self.notes.add(key)
-                    except psycopg2.errors.DeadlockDetected:
-                        # docs/conflicts.md: a local write deadlocking with the apply worker is the one
-                        # cancelled (it never happened anywhere); go on with the next write
-                        continue
-                    time.sleep(0.005)
-        except Exception as exc:  # pragma: no cover - reported by the test
-            self.error = exc
-        finally:
-            conn.close()
+        write_loop(self.node, self.stop, self._step, self.errors)
 
 
 def _states(lab, node_id):
