@@ -15,3 +15,10 @@ def write_section(name, text):
     else:
         cur = cur.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(cur)
+
+
+def publish(name, text, write=True):
+    """Print a benchmark's section and, unless write is false (--no-write), put it in docs/benchmarks.md."""
+    print(text)
+    if write:
+        write_section(name, text)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from agent_support import AgentProc, make_configs, setup_extension, wait_for  # noqa: E402
 from steeplab import make_lab  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -132,9 +132,7 @@ bare Python interpreter that imported the same libraries and sleeps. Goal: < 60 
 """.format(s=args.seconds, i=args.interval, date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(),
            py=platform.python_version(), b=base, a=idle, t=ten, ra=idle["rss"] / base["rss"], rt=ten["rss"] / base["rss"],
            oka=ok(idle), okt=ok(ten), acms=idle["cycle_ms"], tcms=ten["cycle_ms"], tpeers=ten["peers"])
-    print(text)
-    if not args.no_write:
-        write_section("agent", text)
+    publish("agent", text, not args.no_write)
     return 0 if ok(idle) == "yes" and ok(ten) == "yes" else 1
 
 

@@ -22,14 +22,12 @@ settled, apply timed from the apply worker's start, CPU from /proc) is bench/con
 
 Writes the "Trigger ceiling" section of docs/benchmarks.md (between its markers).
 """
-import argparse
 import datetime
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from steeplab import make_lab, wheel_pg_config  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 import conflicts as B  # noqa: E402
 
 SUB = "ceiling"
@@ -88,14 +86,10 @@ def commit_time_check(n1, p1, p2):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=50000, help="rows of the bulk workloads")
-    ap.add_argument("--batches", type=int, default=5, help="transactions of each bulk workload")
-    ap.add_argument("--txs", type=int, default=5000, help="single-row transactions of the pgbench-style workload")
+    ap = B.workload_arguments()
     ap.add_argument("--repeat", type=int, default=3, help="runs of every workload; the best run of each side counts")
-    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = ap.parse_args()
-    root = Path(os.environ.get("STEEP_TEST_LAB_ROOT", "/tmp/steep-tests")) / ("cl" + uuid.uuid4().hex[:6])
+    root = B.lab_dir("cl")
     lab = make_lab(root, 2, (18,))
     try:
         so = root / "ceiling.so"
@@ -207,9 +201,7 @@ one included, is further below it than its CPU says (not explained yet). The rem
 engine compares reaches C code in the apply worker at commit (deferred triggers), not while rows are applied.
 """ % (args.rows, args.batches, args.txs, args.repeat, datetime.date.today().isoformat(), os.cpu_count(),
             platform.python_version(), args.repeat, "\n".join(lines), slow, in_row, in_deferred, origin_ts)
-        print(text)
-        if not args.no_write:
-            write_section("ceiling", text)
+        publish("ceiling", text, not args.no_write)
         p1.close()
         p2.close()
     finally:

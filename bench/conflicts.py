@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / ".collections"))
 
 from steeplab import make_lab  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 import mesh  # noqa: E402
 
 STEEP_SUB, STEEP_SLOT = "steep_from_node1", "steep_to_node2"
@@ -248,16 +248,26 @@ def measure(n1, p1, p2, name, workload, changes, results):
              changes / t_pr, t_nat / t_pr, per(c_nat), per(c_st), per(c_fl), per(c_pr), per(w_nat), per(w_st)), flush=True)
 
 
-def main():
+def workload_arguments():
+    """The command line shared by the benchmarks that run these workloads (add your own, then parse)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=50000, help="rows of the bulk workloads")
     ap.add_argument("--batches", type=int, default=5, help="transactions of each bulk workload")
     ap.add_argument("--txs", type=int, default=5000, help="single-row transactions of the pgbench-style workload")
-    ap.add_argument("--conflicts", type=int, default=5000, help="keys updated on both nodes (conflicts)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    return ap
+
+
+def lab_dir(prefix):
+    """A new directory for a benchmark's lab (under $STEEP_TEST_LAB_ROOT, default /tmp/steep-tests)."""
+    return Path(os.environ.get("STEEP_TEST_LAB_ROOT", "/tmp/steep-tests")) / (prefix + uuid.uuid4().hex[:6])
+
+
+def main():
+    ap = workload_arguments()
+    ap.add_argument("--conflicts", type=int, default=5000, help="keys updated on both nodes (conflicts)")
     args = ap.parse_args()
-    lab = make_lab(Path(os.environ.get("STEEP_TEST_LAB_ROOT", "/tmp/steep-tests")) / ("bc" + uuid.uuid4().hex[:6]),
-                   2, (18,))
+    lab = make_lab(lab_dir("bc"), 2, (18,))
     try:
         setup = ["CREATE TABLE public.st (id int PRIMARY KEY, v int NOT NULL, pad text)",
                  "CREATE TABLE public.fl (id int PRIMARY KEY, v int NOT NULL, pad text)",
@@ -360,9 +370,7 @@ more than that. What each path costs and what it would take:
 in C, without any extra row: [Trigger ceiling](#trigger-ceiling).
 """ % (args.rows, args.batches, args.txs, c, datetime.date.today().isoformat(), os.cpu_count(),
             platform.python_version(), TABLE_HEAD, "\n".join(lines), c, (c + 49) // 50, conf_rate, conf_us, conf_wus, errors)
-        print(text)
-        if not args.no_write:
-            write_section("conflicts", text)
+        publish("conflicts", text, not args.no_write)
         p1.close()
         p2.close()
     finally:

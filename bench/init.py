@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / ".collections"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from steeplab import make_lab  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 import mesh  # noqa: E402
 
 
@@ -336,9 +336,7 @@ after the load). {trg_effect}
 """.format(rep=args.repeat, vsize=vsize, imgsize=imgsize, rsize=rsize, ratio=(rsize + vsize) / float(rsize),
            trg=", ".join("%s.%s (%s)" % tuple(t) for t in triggers) or "none",
            rows="\n".join("| %s | %.2f | %d |" % p for p in parts), trg_effect=trigger_effect(parts))
-    print(text)
-    if not args.no_write:
-        write_section("init", text)
+    publish("init", text, not args.no_write)
     return 0
 
 
