@@ -202,9 +202,11 @@ What this means (details in [conflicts.md, Performance](conflicts.md#performance
 trigger that does nothing costs bulk INSERT about a third of native's apply CPU, so no engine written in
 PL/pgSQL meets 0.8x there, whatever it computes. The checks a commit-timestamp engine needs, written in C,
 cost update, delete and single-row transactions next to nothing; bulk INSERT pays a key probe per row on
-a 2-3 µs native insert and stays below the goal in CPU, and in wall clock every trigger side, the empty C
-one included, is further below it than its CPU says (not explained yet). The remote commit time such an
-engine compares reaches C code in the apply worker at commit (deferred triggers), not while rows are applied.
+a 2-3 µs native insert, which puts it near the goal in CPU, not safely above it. In wall clock every trigger side, the empty C one
+included, is further below it on bulk INSERT than its CPU says: that apply waits for the publisher's
+walsender, whose CPU for the same rows varies between runs (conflicts.md, Performance). The remote commit
+time such an engine compares reaches C code in the apply worker at commit (deferred triggers), not while
+rows are applied.
 """ % (args.rows, args.batches, args.txs, args.repeat, datetime.date.today().isoformat(), os.cpu_count(),
             platform.python_version(), args.repeat, "\n".join(lines), slow, "yes" if control else "NO", in_row, in_deferred, origin_ts)
         publish("ceiling", text, not args.no_write)

@@ -55,38 +55,86 @@ ceiling_noop_trigger(PG_FUNCTION_ARGS)
 	return trigger_result((TriggerData *) fcinfo->context);
 }
 
+/*
+ * What the key probe needs of a table, looked up once per table and backend (a prototype: no
+ * invalidation, so a table whose key changes needs a new session).
+ */
+typedef struct ProbeInfo
+{
+	Oid			relid;
+	Oid			idxoid;
+	int			nkeys;
+	AttrNumber	attno[INDEX_MAX_KEYS];
+	Oid			optype[INDEX_MAX_KEYS];
+	Oid			collation[INDEX_MAX_KEYS];
+	RegProcedure eqproc[INDEX_MAX_KEYS];
+} ProbeInfo;
+
+#define PROBE_CACHE 16
+static ProbeInfo probe_cache[PROBE_CACHE];
+static int	probe_cached = 0;
+
+static ProbeInfo *
+probe_info(Relation rel)
+{
+	Oid			relid = RelationGetRelid(rel);
+	ProbeInfo  *info;
+	Relation	idx;
+	int			i;
+
+	for (i = 0; i < probe_cached; i++)
+		if (probe_cache[i].relid == relid)
+			return &probe_cache[i];
+	info = &probe_cache[probe_cached < PROBE_CACHE ? probe_cached++ : PROBE_CACHE - 1];
+	info->relid = relid;
+	info->idxoid = RelationGetReplicaIndex(rel);
+	info->nkeys = 0;
+	if (!OidIsValid(info->idxoid))
+		return info;
+	idx = index_open(info->idxoid, AccessShareLock);
+	info->nkeys = IndexRelationGetNumberOfKeyAttributes(idx);
+	for (i = 0; i < info->nkeys; i++)
+	{
+		Oid			optype = idx->rd_opcintype[i];
+
+		info->attno[i] = idx->rd_index->indkey.values[i];
+		info->optype[i] = optype;
+		info->collation[i] = idx->rd_indcollation[i];
+		info->eqproc[i] = get_opcode(get_opfamily_member(idx->rd_opfamily[i], optype, optype,
+														 BTEqualStrategyNumber));
+	}
+	index_close(idx, AccessShareLock);
+	return info;
+}
+
 /* Does a row with tup's replica-identity key exist (dirty snapshot: committed or in progress)? */
 static bool
 key_exists(Relation rel, HeapTuple tup)
 {
-	Oid			idxoid = RelationGetReplicaIndex(rel);
+	ProbeInfo  *info = probe_info(rel);
 	Relation	idx;
-	int			nkeys,
-				i;
+	int			i;
 	ScanKeyData skey[INDEX_MAX_KEYS];
 	SnapshotData snap;
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
 	bool		found;
 
-	if (!OidIsValid(idxoid))
+	if (info->nkeys == 0)
 		return false;
-	idx = index_open(idxoid, RowExclusiveLock);
-	nkeys = IndexRelationGetNumberOfKeyAttributes(idx);
-	for (i = 0; i < nkeys; i++)
+	idx = index_open(info->idxoid, RowExclusiveLock);
+	for (i = 0; i < info->nkeys; i++)
 	{
-		Oid			optype = idx->rd_opcintype[i];
-		Oid			eqop = get_opfamily_member(idx->rd_opfamily[i], optype, optype, BTEqualStrategyNumber);
 		bool		isnull;
-		Datum		value = heap_getattr(tup, idx->rd_index->indkey.values[i], RelationGetDescr(rel), &isnull);
+		Datum		value = heap_getattr(tup, info->attno[i], RelationGetDescr(rel), &isnull);
 
 		ScanKeyEntryInitialize(&skey[i], isnull ? SK_ISNULL | SK_SEARCHNULL : 0, i + 1,
-							   BTEqualStrategyNumber, optype, idx->rd_indcollation[i],
-							   get_opcode(eqop), value);
+							   BTEqualStrategyNumber, info->optype[i], info->collation[i],
+							   info->eqproc[i], value);
 	}
 	InitDirtySnapshot(snap);
-	scan = index_beginscan(rel, idx, &snap, NULL, nkeys, 0);
-	index_rescan(scan, skey, nkeys, NULL, 0);
+	scan = index_beginscan(rel, idx, &snap, NULL, info->nkeys, 0);
+	index_rescan(scan, skey, info->nkeys, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);
 	ExecDropSingleTupleTableSlot(slot);
