@@ -1,6 +1,6 @@
 """Trigger ceiling (issue #3): what ANY conflict engine that runs as a trigger in the native apply
 worker costs on the path without conflicts, measured side by side with native apply in ONE run on a
-real 2-node PostgreSQL 18 lab (plain publication/subscription, no steep objects).
+real 2-node PostgreSQL 18 (or 17: ``--major 17``) lab (plain publication/subscription, no steep objects).
 
 Sides, each the same workload written by node1 to its own table and applied by node2:
 
@@ -16,8 +16,10 @@ It also checks, on the same lab, what the remote commit time looks like to code 
 NULL in a row trigger, the exact remote commit time in a deferred constraint trigger (read through
 ``ceiling_remote_commit_ts()``: SQL has no function for it).
 
-The C prototype is compiled here with ``gcc`` against the server headers of the PostgreSQL 18 wheel
-(``pg_config --includedir-server``); it is not part of the product. The method of measuring (slots
+The C prototype is compiled here with ``gcc`` against the server headers of the PostgreSQL it runs on:
+the PostgreSQL 18 wheel ships them (``pg_config --includedir-server``); for ``--major 17`` (the wheel has
+none) pass ``--server-include`` (e.g. Debian's postgresql-server-dev-17, unpacked). It is not part of
+the product. The method of measuring (slots
 settled, apply timed from the apply worker's start, CPU from /proc) is bench/conflicts.py's.
 
 Writes the "Trigger ceiling" section of docs/benchmarks.md (between its markers).
@@ -45,17 +47,34 @@ SIDES = (("native", "nat", None),
          ("C fast path", "tfast", "fast_c"))
 
 
-def build(pg_config, out):
-    """Compile bench/c/ceiling.c into out (a shared library the server can load)."""
+def build(pg_config, out, inc=None):
+    """Compile bench/c/ceiling.c into out (a shared library the server can load), against the server
+    headers in inc (default: those of pg_config's install)."""
     if not shutil.which("gcc"):
         sys.exit("bench/ceiling.py needs gcc to build its C prototype (apt-get install gcc)")
-    inc = subprocess.run([pg_config, "--includedir-server"], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    inc = inc or subprocess.run([pg_config, "--includedir-server"], check=True, capture_output=True,
+                                text=True).stdout.strip()
     if not (Path(inc) / "postgres.h").exists():
-        sys.exit("no server headers in %s: this PostgreSQL install cannot build C extensions" % inc)
+        sys.exit("no server headers in %s: this PostgreSQL install cannot build C extensions. Fix: pass "
+                 "--server-include DIR with the server headers of the same major (for 17: Debian trixie's "
+                 "postgresql-server-dev-17 .deb from deb.debian.org/debian/pool/main/p/postgresql-17/, unpacked "
+                 "with dpkg-deb -x, DIR = usr/include/postgresql/17/server in it; headers of a newer minor than "
+                 "the server's can fail to load)"
+                 % inc)
     subprocess.run(["gcc", "-O2", "-fPIC", "-shared", "-Wall", "-I", inc, "-o", str(out),
                     str(ROOT / "bench" / "c" / "ceiling.c")], check=True)
     out.chmod(0o755)
+
+
+def header_version(inc):
+    """PG_VERSION of the server headers in inc ("?" when it cannot be read)."""
+    try:
+        for line in (Path(inc) / "pg_config.h").read_text().splitlines():
+            if line.startswith("#define PG_VERSION "):
+                return line.split(None, 2)[2].strip('"')
+    except (OSError, TypeError):
+        pass
+    return "?"
 
 
 def commit_time_setup(p1, p2, so):
@@ -88,12 +107,14 @@ def commit_time_check(n1, p1, p2):
 def main():
     ap = B.workload_arguments()
     ap.add_argument("--repeat", type=int, default=3, help="runs of every workload; the best run of each side counts")
+    ap.add_argument("--major", type=int, choices=(17, 18), default=18, help="PostgreSQL major of the lab")
+    ap.add_argument("--server-include", help="server headers to build the C prototype with (default: the wheel's)")
     args = ap.parse_args()
     root = B.lab_dir("cl")
-    lab = make_lab(root, 2, (18,))
+    lab = make_lab(root, 2, (args.major,))
     try:
         so = root / "ceiling.so"
-        build(wheel_pg_config(18), so)
+        build(wheel_pg_config(args.major), so, args.server_include)
         n1, n2 = lab.nodes
         p1, p2 = B.Conn(n1), B.Conn(n2)
         tables = ", ".join("public." + side[1] for side in SIDES)
@@ -209,7 +230,24 @@ time such an engine compares reaches C code in the apply worker at commit (defer
 rows are applied.
 """ % (args.rows, args.batches, args.txs, args.repeat, datetime.date.today().isoformat(), os.cpu_count(),
             platform.python_version(), args.repeat, "\n".join(lines), slow, "yes" if control else "NO", in_row, in_deferred, origin_ts)
-        publish("ceiling", text, not args.no_write)
+        if args.major != 18:
+            # the same measurement on another major: its own section, the explanation is the one above
+            text = """## Trigger ceiling, PostgreSQL %d
+
+`python bench/ceiling.py --major %d --server-include <headers> --rows %d --batches %d --txs %d --repeat %d`
+(%s, %d CPUs, Python %s, PostgreSQL %s; the C prototype built against %s). The same sides, method and
+reading as [Trigger ceiling](#trigger-ceiling) (PostgreSQL 18).
+
+%s
+
+Fast-path checks that found a conflict candidate: %s; the control conflict was found: %s. Remote commit
+time in node2's apply worker: in a row trigger **%s**, in a deferred constraint trigger **%s** (the
+origin's commit timestamp of that row: %s).
+""" % (args.major, args.major, args.rows, args.batches, args.txs, args.repeat, datetime.date.today().isoformat(),
+                os.cpu_count(), platform.python_version(), p2.q("SHOW server_version")[0][0],
+                "server headers " + header_version(args.server_include), "\n".join(lines), slow,
+                "yes" if control else "NO", in_row, in_deferred, origin_ts)
+        publish("ceiling" if args.major == 18 else "ceiling%d" % args.major, text, not args.no_write)
         p1.close()
         p2.close()
     finally:

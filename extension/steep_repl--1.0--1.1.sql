@@ -546,6 +546,8 @@ BEGIN
     v_key := r.tbl || E'\t' || r.pk;
     IF p_update THEN
         l := o;                                 -- the local version, found and locked by the native apply
+    ELSIF o.tbl IS NOT NULL THEN
+        l := o;                                 -- the row_version trigger's claim failed; it locked this one
     ELSE
         -- lock order of every apply worker: the version first (the origin WAL-logged it first), then
         -- the row. No local version: claim the key with the incoming one (a concurrent local writer
@@ -727,6 +729,8 @@ END $$;
 -- returns NEW at once: the native update applies the version, the native user-row change the row.
 CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
 LANGUAGE plpgsql AS $$
+DECLARE
+    l steep_repl.row_version;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         IF NEW.base_ts = OLD.ver_ts AND NEW.base_node = OLD.ver_node AND NOT NEW.forced
@@ -756,8 +760,11 @@ BEGIN
                 PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
                 RETURN NULL;
             END IF;
+            -- a local version exists (INSERT_INSERT): lock it (version first, as every apply worker) and
+            -- hand it over, so that _version_decide does not try the same claim again
+            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = NEW.tbl AND v.pk = NEW.pk FOR UPDATE;
         END IF;
-        IF steep_repl._version_decide(false, NULL, NEW) THEN
+        IF steep_repl._version_decide(false, l, NEW) THEN
             RETURN NEW;
         END IF;
         RETURN NULL;

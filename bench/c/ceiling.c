@@ -126,14 +126,27 @@ key_exists(Relation rel, HeapTuple tup)
 	for (i = 0; i < info->nkeys; i++)
 	{
 		bool		isnull;
-		Datum		value = heap_getattr(tup, info->attno[i], RelationGetDescr(rel), &isnull);
+		Datum		value;
+
+		/*
+		 * heap_getattr() without its newer minors' heap_datum_check() call (17.12 inlines a call to
+		 * it; a library built with those headers does not load into an older 17 server)
+		 */
+		if (info->attno[i] > (int) HeapTupleHeaderGetNatts(tup->t_data))
+			value = getmissingattr(RelationGetDescr(rel), info->attno[i], &isnull);
+		else
+			value = fastgetattr(tup, info->attno[i], RelationGetDescr(rel), &isnull);
 
 		ScanKeyEntryInitialize(&skey[i], isnull ? SK_ISNULL | SK_SEARCHNULL : 0, i + 1,
 							   BTEqualStrategyNumber, info->optype[i], info->collation[i],
 							   info->eqproc[i], value);
 	}
 	InitDirtySnapshot(snap);
+#if PG_VERSION_NUM >= 180000
 	scan = index_beginscan(rel, idx, &snap, NULL, info->nkeys, 0);
+#else
+	scan = index_beginscan(rel, idx, &snap, info->nkeys, 0);
+#endif
 	index_rescan(scan, skey, info->nkeys, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);
