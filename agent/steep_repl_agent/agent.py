@@ -212,6 +212,7 @@ class Agent:
     # ----------------------------------------------------------------- one cycle
     def cycle(self):
         t0 = time.time()
+        m0 = time.monotonic()  # the lease runs from before the votes it rests on were read, not from the cycle's end
         events = []
         ok, err, data = self._local()
         if data.get("registered"):
@@ -251,17 +252,23 @@ class Agent:
         total = len(all_nodes(self.cfg))
         priorities = dict((n["name"], n["priority"]) for n in all_nodes(self.cfg))
         dec = election.decide(self.me["name"], eligible, peer_votes, total, priorities, self.cfg["mode"], self.cfg["hub"])
+        if dec["vote"] and dec["vote"] != self.me["name"]:
+            # The peer we vote for may hold a coordinator lease that rests on this vote even if we never saw it
+            # claim the role (cut off right after its election): waited for like a claim seen now. Dropped
+            # above as soon as its agent answers that it is not coordinator.
+            self.peer_claim_seen[dec["vote"]] = time.monotonic()
         coordinator = dec["coordinator"]
         if coordinator is None:
             claims = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
             coordinator = claims[0] if len(claims) == 1 else None
         if dec["is_coordinator"] and not self.is_coordinator:
-            # Take over only when no other node may still hold a coordinator lease: a peer that claimed the role and
-            # was then lost from sight is waited for (takeover grace = its lease + one of our check rounds).
+            # Take over only when no other node may still hold a coordinator lease: a peer that claimed the role (or
+            # that we voted for) and was then lost from sight is waited for (takeover grace = its lease + one of our
+            # check rounds).
             waiting = sorted(n for n, t in self.peer_claim_seen.items() if time.monotonic() - t < self.grace)
             if waiting:
                 dec = dict(dec, is_coordinator=False, coordinator=None)
-                events.append("deferring takeover: %s claimed the coordinator role %.1fs ago (grace %.1fs)"
+                events.append("deferring takeover: %s claimed the coordinator role or had our vote %.1fs ago (grace %.1fs)"
                               % (waiting[0], time.monotonic() - self.peer_claim_seen[waiting[0]], self.grace))
                 coordinator = None
         if dec["is_coordinator"] != self.is_coordinator:
@@ -271,7 +278,7 @@ class Agent:
             events.append("coordinator %s -> %s (term %d)" % (self.coordinator, coordinator, self.term))
         self.is_coordinator = dec["is_coordinator"]
         self.coordinator = coordinator
-        self.claim_until = time.monotonic() + self.lease if self.is_coordinator else 0.0
+        self.claim_until = m0 + self.lease if self.is_coordinator else 0.0
 
         # Pre-allocation of identity ranges (ranges module_utils, when present).
         if ok and data.get("extension") and self.cfg["ranges"]["preallocate"] and not self.readonly:
