@@ -19,8 +19,8 @@ NULL in a row trigger, the exact remote commit time in a deferred constraint tri
 The C prototype is compiled here with ``gcc`` against the server headers of the PostgreSQL it runs on:
 the PostgreSQL 18 wheel ships them (``pg_config --includedir-server``); for ``--major 17`` (the wheel has
 none) pass ``--server-include`` (e.g. Debian's postgresql-server-dev-17, unpacked). It is not part of
-the product. The method of measuring (slots
-settled, apply timed from the apply worker's start, CPU from /proc) is bench/conflicts.py's.
+the product. The method of measuring (slots settled, apply timed from the apply worker's start, CPU
+from /proc) is bench/conflicts.py's.
 
 Writes the "Trigger ceiling" section of docs/benchmarks.md (between its markers).
 """
