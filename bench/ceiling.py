@@ -197,7 +197,8 @@ def main():
                 cells += ["%.0f (**%.2fx**)" % (rate, x), "%.1f (**%.2fx**)" % (cpu, cx)]
             cells.append(row[-1])
             lines.append("| " + " | ".join(cells) + " |")
-        text = """## Trigger ceiling
+        if args.major == 18:
+            text = """## Trigger ceiling
 
 `python bench/ceiling.py --rows %d --batches %d --txs %d --repeat %d` (%s, %d CPUs, Python %s,
 PostgreSQL 18, 2-node lab, plain publication/subscription, no steep objects). The same workloads as
@@ -229,8 +230,9 @@ walsender, whose CPU for the same rows varies between runs (conflicts.md, Perfor
 time such an engine compares reaches C code in the apply worker at commit (deferred triggers), not while
 rows are applied.
 """ % (args.rows, args.batches, args.txs, args.repeat, datetime.date.today().isoformat(), os.cpu_count(),
-            platform.python_version(), args.repeat, "\n".join(lines), slow, "yes" if control else "NO", in_row, in_deferred, origin_ts)
-        if args.major != 18:
+                platform.python_version(), args.repeat, "\n".join(lines), slow, "yes" if control else "NO", in_row,
+                in_deferred, origin_ts)
+        else:
             # the same measurement on another major: its own section, the explanation is the one above
             text = """## Trigger ceiling, PostgreSQL %d
 

@@ -120,9 +120,10 @@ class AgentProc:
             return None, None
         return code, (raw if path == "/metrics" else json.loads(raw))
 
-    def wait_status(self, pred, timeout=30):
+    def wait_status(self, pred, timeout=30, path="/status"):
+        """The first body of GET path (default /status) that pred accepts, or None after timeout."""
         def probe():
-            code, body = self.get("/status")
+            code, body = self.get(path)
             try:
                 return body if body and pred(body) else None
             except (KeyError, TypeError, IndexError):  # the first snapshot (before cycle 1) is sparse

@@ -40,14 +40,9 @@ def test_health_ipc_metrics_and_alerts(two):
 
     # /health: seed 8.2 shape, 200; probes. Right after start a1 may still report a cycle in which node2's agent
     # had not answered yet (peer_connectivity: warning -> degraded, which is right): wait for a cycle that saw it.
-    seen = {}
-
-    def healthy():
-        seen["h"] = a1.get("/health")
-        return seen["h"][0] == 200 and (seen["h"][1] or {}).get("status") == "healthy"
-    assert wait_for(healthy, 15), seen["h"]
-    code, h = seen["h"]
-    assert h["node"] == "node1"
+    h = a1.wait_status(lambda b: b["status"] == "healthy", 15, path="/health")
+    assert h, a1.get("/health")
+    assert a1.get("/health")[0] == 200 and h["node"] == "node1"
     assert SEED_CHECKS <= set(h["checks"])
     assert h["checks"]["postgresql"] == "ok" and h["checks"]["extension"] == "ok" and h["checks"]["peer_connectivity"] == "ok"
     assert set(h["checks"]["replication_lag"]) >= {"status", "lag_bytes"}
