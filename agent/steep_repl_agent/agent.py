@@ -124,6 +124,7 @@ class Agent:
         self.written_state = None
         self.cycles = 0
         self.started = time.time()
+        self.started_mono = time.monotonic()  # the startup hold (election.startup_eligible) runs for one takeover grace
         self.last_cycle_end = None
         self.snapshot = dict(node=self.me["name"], status="starting", role="follower", vote=None, checks={},
                              peers={}, coordinator=None, ts=utcnow(), version=__version__)
@@ -251,6 +252,16 @@ class Agent:
                 role=ag.get("role") if r.get("agent_ok") else None, lsn=r.get("lsn"), priority=p["priority"])
         total = len(all_nodes(self.cfg))
         priorities = dict((n["name"], n["priority"]) for n in all_nodes(self.cfg))
+        if time.monotonic() - self.started_mono < self.grace:
+            unanswered = sorted(p["name"] for p in self.cfg["peers"]
+                                if p.get("agent_port") and not peers.get(p["name"], {}).get("agent_ok"))
+            claimers = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
+            held = election.startup_eligible(eligible, claimers, unanswered, True)
+            if held != eligible:
+                events.append("startup hold: agent(s) of %s not answering, voting only for a visible coordinator "
+                              "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claimers) or "none",
+                                                      self.grace - (time.monotonic() - self.started_mono)))
+                eligible = held
         dec = election.decide(self.me["name"], eligible, peer_votes, total, priorities, self.cfg["mode"], self.cfg["hub"])
         if dec["vote"] and dec["vote"] != self.me["name"]:
             # The peer we vote for may hold a coordinator lease that rests on this vote even if we never saw it

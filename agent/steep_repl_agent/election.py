@@ -36,6 +36,19 @@ def votes_for(name, my_name, my_vote, peer_votes):
     return voters
 
 
+def startup_eligible(eligible, claimers, unanswered, holding):
+    """The candidates an agent may vote for while its *startup hold* runs (``holding``: the first takeover grace
+    after the agent started). A restarted agent has forgotten whom it voted for, and its peer health starts from
+    nothing: without the hold it could vote for another node at once, while a coordinator it voted for before the
+    restart, now out of its sight, still holds a lease resting on that vote. While holding, if some peer's agent
+    did not answer this round (``unanswered``), only peers that claim the coordinator role now (``claimers``) are
+    candidates, itself never: it votes for the coordinator it sees or abstains. When every peer's agent answered,
+    a lease resting on the old vote would show as a claim, and the vote is free."""
+    if not holding or not unanswered:
+        return dict(eligible)
+    return dict((n, p) for n, p in eligible.items() if n in claimers)
+
+
 def decide(my_name, eligible, peer_votes, total, priorities, mode="mesh", hub=None):
     """One election round from this node's point of view.
 

@@ -66,8 +66,7 @@ DECLARE
     c RECORD; sv steep_repl.row_version; lv steep_repl.row_version; v_remote BOOLEAN;
     v_counts JSONB; v_cols TEXT; v_rcols TEXT;
 BEGIN
-    SELECT n.nspname, k.relname INTO v_schema, v_name
-      FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE k.oid = p_table;
+    SELECT r.schema_name, r.table_name INTO v_schema, v_name FROM steep_repl._rel_name(p_table) r;
     v_tbl := v_schema || '.' || v_name;
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
     v_pk := steep_repl._pk_columns(p_table);

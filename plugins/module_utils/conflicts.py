@@ -305,6 +305,14 @@ def revert(sql, conn, conflict_id, reason="Manual revert"):
     return {"changed": True, "conflict": after, "before": before, "new_conflict_id": new_id, "queries": sql.queries}
 
 
+# Errors a local write of the resolution API can meet next to apply workers: it was rolled back, a re-run works.
+RETRYABLE = {
+    "40P01": "this write was the deadlock victim an apply worker must never be",
+    "55P03": "it waited for a lock longer than lock_timeout or steep_repl.local_lock_timeout allows, "
+             "e.g. behind an apply worker holding the key",
+}
+
+
 def explain_db_error(exc):
     """'message. Fix: hint' of a psycopg2 error raised by the resolution API."""
     diag = getattr(exc, "diag", None)
@@ -313,4 +321,6 @@ def explain_db_error(exc):
     text = primary or str(exc).strip().splitlines()[0]
     if hint:
         text += ". " + (hint if hint.startswith("Fix") else "Fix: " + hint)
+    elif getattr(exc, "pgcode", None) in RETRYABLE:
+        text += ". Fix: re-run the task, nothing was written (%s: docs/conflicts.md, Deadlocks)." % RETRYABLE[exc.pgcode]
     return text

@@ -243,7 +243,8 @@ def push_reconciled(target_kw, attempts=5):
                 try:
                     pushed += fetch_value(conn, "SELECT steep_repl.reconcile_push_table(%s)", (tbl,))
                     break
-                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure):
+                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure,
+                        psycopg2.errors.LockNotAvailable):
                     if attempt == attempts - 1:
                         raise
                     time.sleep(0.2)

@@ -95,11 +95,35 @@ def apply_errors(lab):
                           "WHERE subname LIKE 'steep\\_%%'")[0][0] for n in lab.nodes}
 
 
+def server_errors(lab, limit=12):
+    """The apply workers' ERROR lines of every node's server log with the lines that explain them (DETAIL,
+    CONTEXT, ...): the message of an assertion on apply errors, so a failure says which error it was."""
+    out = {}
+    for n in lab.nodes:
+        log = Path(n.datadir) / "server.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        found = []
+        for i, line in enumerate(lines):
+            if " ERROR: " not in line:
+                continue
+            block = [line]
+            for ln in lines[i + 1:i + 12]:
+                if not (ln.startswith("\t") or any(" %s: " % k in ln for k in ("DETAIL", "CONTEXT", "HINT", "STATEMENT"))):
+                    break
+                block.append(ln)
+            text = "\n".join(block)
+            if "remote data" in text or "logical replication" in text:   # the apply worker's, not the clients'
+                found.append(text)
+        if found:
+            out[n.name] = found[-limit:]
+    return out
+
+
 def write_loop(node, stop, step, errors, pause=0.005):
     """The body of a background writer thread: step(cur, i) makes one autocommit write (i = 1, 2, ...)
-    until stop is set. A deadlock error is the local write the engine cancels on purpose
-    (docs/conflicts.md): that write never happened anywhere, the loop goes on with the next one. Any
-    other error ends the loop and is appended to errors (the test reports it)."""
+    until stop is set. A deadlock or lock-timeout error is the local write the engine cancels on purpose
+    (docs/conflicts.md, Deadlocks): that write never happened anywhere, the loop goes on with the next
+    one. Any other error ends the loop and is appended to errors (the test reports it)."""
     conn = node.connect()
     i = 0
     try:
@@ -108,7 +132,7 @@ def write_loop(node, stop, step, errors, pause=0.005):
                 i += 1
                 try:
                     step(cur, i)
-                except psycopg2.errors.DeadlockDetected:
+                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.LockNotAvailable):
                     continue
                 time.sleep(pause)
     except Exception as exc:  # pragma: no cover - reported by the test
@@ -152,7 +176,7 @@ def run_workload(lab, table, seed, seconds=3.0, keys=6, threads_per_node=2):
                     with lock:
                         stats["commits"] += 1
                 except psycopg2.Error:
-                    conn.rollback()  # a legitimate client-side error (e.g. duplicate key, deadlock victim)
+                    conn.rollback()  # a legitimate client-side error (duplicate key, deadlock victim, lock timeout)
                     with lock:
                         stats["errors"] += 1
                 time.sleep(rng.random() * 0.01)

@@ -93,3 +93,40 @@ def test_three_node_failover_and_quorum(lab_factory, tmp_path, mode, hub, first,
     finally:
         for a in agents.values():
             a.stop()
+
+
+def test_restarted_agent_holds_its_vote(lab_factory, tmp_path):
+    """docs/agent.md, Startup hold: an agent restarted while a peer's agent does not answer votes for one
+    takeover grace only for a coordinator it can see (none here: it abstains), then the election goes on;
+    never two coordinators."""
+    lab = lab_factory(count=3, majors=(17, 18))
+    setup_extension(lab)
+    cfgs = make_configs(tmp_path, lab, interval="%ss" % INTERVAL, timeout="%ss" % TIMEOUT, threshold=THRESHOLD)
+    agents = {n: AgentProc(p, port, tmp_path / ("%s.log" % n)).start() for n, (p, port) in cfgs.items()}
+    try:
+        assert wait_for(lambda: roles(agents) == {"node1": "coordinator", "node2": "follower", "node3": "follower"}, 30), \
+            roles(agents)
+        with Watcher(agents) as w:
+            agents["node1"].proc.send_signal(signal.SIGKILL)   # its PostgreSQL stays up, its agent is gone
+            agents["node1"].proc.wait()
+            agents["node3"].stop()
+            seen = len(agents["node3"].lines())
+            agents["node3"].start()
+
+            def cycles():
+                return [ln for ln in agents["node3"].lines()[seen:] if ln.get("msg") == "cycle"]
+
+            def held(ln):
+                return any(e.startswith("startup hold") for e in ln.get("events") or [])
+
+            assert wait_for(lambda: any(held(ln) for ln in cycles()), 15), cycles()[:3]
+            assert all(ln["vote"] is None for ln in cycles() if held(ln)), [ln for ln in cycles() if held(ln)][:3]
+            assert "node1" in next(e for ln in cycles() if held(ln) for e in ln["events"] if e.startswith("startup hold"))
+            live = {n: agents[n] for n in ("node2", "node3")}
+            assert wait_for(lambda: roles(live) == {"node2": "coordinator", "node3": "follower"}, 40), roles(live)
+            last = cycles()[-1]
+            assert last["vote"] == "node2" and not held(last)
+        assert w.samples and max(len(s[1]) for s in w.samples) <= 1, [s[1] for s in w.samples if len(s[1]) > 1][:3]
+    finally:
+        for a in agents.values():
+            a.stop()

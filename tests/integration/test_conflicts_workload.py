@@ -46,6 +46,6 @@ def test_random_workload_converges(lab_factory, count, majors, strategy):
                     "WHERE v.tbl = 'public.hot' AND (v.deleted <> (h.id IS NULL) "
                     "OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(h.*)))")
         assert bad == [], (n.name, bad)
-    assert cs.apply_errors(lab) == {n.name: 0 for n in lab.nodes}
+    assert cs.apply_errors(lab) == {n.name: 0 for n in lab.nodes}, cs.server_errors(lab)
     mesh.assert_healthy(lab)
     print("workload %s: %s, %d conflicts, %d rows" % (strategy, stats, total, len(final)))

@@ -80,6 +80,22 @@ def test_never_two_coordinators_among_majority_views():
             assert len(coordinators(round_(sees, mode=mode, hub=hub))) <= 1
 
 
+
+def test_startup_hold_votes_only_for_a_visible_coordinator():
+    eligible = {"node1": 100, "node2": 90, "node3": 80}
+    # not holding (grace over), or every peer's agent answered: the vote is free
+    assert election.startup_eligible(eligible, [], ["node1"], False) == eligible
+    assert election.startup_eligible(eligible, [], [], True) == eligible
+    # holding with an unanswered peer: only visible claimers, never itself
+    assert election.startup_eligible(eligible, ["node2"], ["node1"], True) == {"node2": 90}
+    assert election.startup_eligible(eligible, [], ["node1"], True) == {}
+    assert election.startup_eligible({"node3": 80}, ["node2"], ["node1"], True) == {}   # a claimer it cannot check
+    # the decision on the held set: abstain, or follow the visible coordinator
+    dec = election.decide("node3", {}, {"node2": "node2"}, 3, eligible)
+    assert dec["vote"] is None and not dec["is_coordinator"]
+    dec = election.decide("node3", {"node2": 90}, {"node2": "node2"}, 3, eligible)
+    assert dec["vote"] == "node2" and dec["coordinator"] == "node2"
+
 def test_star_hub_preferred():
     full = {n: set(PRIO) for n in PRIO}
     assert coordinators(round_(full, mode="star", hub="c")) == ["c"]
