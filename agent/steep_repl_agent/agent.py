@@ -258,9 +258,9 @@ class Agent:
             claimers = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
             held = election.startup_eligible(eligible, claimers, unanswered, True)
             if held != eligible:
+                left = self.grace - (time.monotonic() - self.started_mono)
                 events.append("startup hold: agent(s) of %s not answering, voting only for a visible coordinator "
-                              "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claimers) or "none",
-                                                      self.grace - (time.monotonic() - self.started_mono)))
+                              "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claimers) or "none", left))
                 eligible = held
         dec = election.decide(self.me["name"], eligible, peer_votes, total, priorities, self.cfg["mode"], self.cfg["hub"])
         if dec["vote"] and dec["vote"] != self.me["name"]:

@@ -80,7 +80,6 @@ def test_never_two_coordinators_among_majority_views():
             assert len(coordinators(round_(sees, mode=mode, hub=hub))) <= 1
 
 
-
 def test_startup_hold_votes_only_for_a_visible_coordinator():
     eligible = {"node1": 100, "node2": 90, "node3": 80}
     # not holding (grace over), or every peer's agent answered: the vote is free
@@ -95,6 +94,7 @@ def test_startup_hold_votes_only_for_a_visible_coordinator():
     assert dec["vote"] is None and not dec["is_coordinator"]
     dec = election.decide("node3", {"node2": 90}, {"node2": "node2"}, 3, eligible)
     assert dec["vote"] == "node2" and dec["coordinator"] == "node2"
+
 
 def test_star_hub_preferred():
     full = {n: set(PRIO) for n in PRIO}
