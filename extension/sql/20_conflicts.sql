@@ -212,22 +212,6 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Origin side: a new version for every local write
 -- ---------------------------------------------------------------------------------------------
--- A duration setting (lock_timeout's form: an integer, ms when no unit) in milliseconds; p_name names
--- the setting in the error. No SET clause: it runs in local sessions' capture and is fully qualified.
-CREATE OR REPLACE FUNCTION steep_repl._duration_ms(p_value TEXT, p_name TEXT) RETURNS BIGINT
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    m TEXT[] := pg_catalog.regexp_match(p_value, '^\s*([0-9]{1,12})\s*(ms|s|min|h|d)?\s*$');
-BEGIN
-    IF m IS NULL THEN
-        RAISE EXCEPTION 'steep_repl: % must be a duration such as 3s, 2500ms or 0, not "%"', p_name, p_value
-            USING HINT = 'Fix: SET ' || p_name || ' to an integer with an optional unit (ms, s, min, h, d).',
-                  ERRCODE = '22023';
-    END IF;
-    RETURN m[1]::BIGINT * CASE m[2] WHEN 's' THEN 1000 WHEN 'min' THEN 60000 WHEN 'h' THEN 3600000
-                                    WHEN 'd' THEN 86400000 ELSE 1 END;
-END $$;
-
 CREATE OR REPLACE FUNCTION steep_repl._capture(p_tbl TEXT, p_pk TEXT, p_deleted BOOLEAN, p_img JSONB,
                                                p_insert BOOLEAN DEFAULT false)
 RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $$
@@ -236,11 +220,6 @@ DECLARE
     v_me TEXT := steep_repl.local_node_id();
     v_forced BOOLEAN := coalesce(pg_catalog.current_setting('steep_repl.forced', true), '') = 'on';
     v_found BOOLEAN;
-    v_wait TEXT;
-    v_ms BIGINT;
-    v_xmax XID;
-    v_lock_timeout TEXT;    -- the caller's lock_timeout while ours is in force, else NULL
-    v_done BOOLEAN := false;
 BEGIN
     IF v_me IS NULL THEN
         RAISE EXCEPTION 'steep_repl: this node is not registered (no steep_repl.nodes row with is_local)'
@@ -253,44 +232,12 @@ BEGIN
     IF pg_catalog.current_setting('deadlock_timeout') <> '1s' THEN
         PERFORM pg_catalog.set_config('deadlock_timeout', '1s', true);
     END IF;
-    -- steep_repl.local_lock_timeout (default 3s, 0 = no limit): how long this session waits for a version
-    -- an apply worker holds. PostgreSQL checks for a deadlock once per wait, at deadlock_timeout; a cycle
-    -- that closes after that check (3+ nodes, docs/conflicts.md "Deadlocks") would be found by the apply
-    -- worker at its 5s and cost an apply error. Waiting less than 5s, this session gives up first
-    -- (55P03 lock_not_available, retryable). Waits for other local sessions are not limited.
-    v_wait := pg_catalog.current_setting('steep_repl.local_lock_timeout', true);
-    v_ms := CASE WHEN v_wait IS NULL OR v_wait = '' THEN 3000
-                 ELSE steep_repl._duration_ms(v_wait, 'steep_repl.local_lock_timeout') END;
     FOR i IN 1..5 LOOP
         l := NULL;
-        v_found := false;
-        IF i = 1 THEN
-            -- no wait in the common case: an unlocked version, or none (a new key: the INSERT below claims
-            -- it; a locked version that SKIP LOCKED passed over makes that INSERT a no-op, or a wait for the
-            -- transaction that is changing it, and the next round waits for its lock)
-            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE SKIP LOCKED;
-            v_found := FOUND;
-        END IF;
-        IF NOT v_found THEN
-            IF v_lock_timeout IS NULL AND v_ms > 0 THEN
-                -- about to wait: for an apply worker, at most v_ms (unless the session's own limit is lower)
-                SELECT v.xmax INTO v_xmax FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk;
-                IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                      WHERE a.backend_xid = v_xmax AND a.backend_type LIKE 'logical replication%')
-                   AND steep_repl._duration_ms(pg_catalog.current_setting('lock_timeout'), 'lock_timeout')
-                       NOT BETWEEN 1 AND v_ms THEN
-                    v_lock_timeout := pg_catalog.current_setting('lock_timeout');
-                    PERFORM pg_catalog.set_config('lock_timeout', v_ms || 'ms', true);
-                END IF;
-            END IF;
-            IF i > 1 THEN
-                SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE;
-                v_found := FOUND;
-            END IF;
-        END IF;
+        SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE;
+        v_found := FOUND;
         IF v_found AND p_insert AND NOT l.deleted THEN
-            v_done := true;     -- the key exists: this INSERT fails or becomes ON CONFLICT DO UPDATE/NOTHING
-            EXIT;
+            RETURN;     -- the key exists: this INSERT fails or becomes ON CONFLICT DO UPDATE/NOTHING
         END IF;
         IF v_found AND l.ver_node = v_me THEN
             -- every receiver holds a version row of this key (it received l, or its copy holds it):
@@ -305,8 +252,7 @@ BEGIN
                    op = CASE WHEN p_deleted THEN 'D' WHEN l.deleted THEN 'I' ELSE 'U' END,
                    img = CASE WHEN p_deleted THEN NULL ELSE p_img END
              WHERE v.tbl = p_tbl AND v.pk = p_pk;
-            v_done := true;
-            EXIT;
+            RETURN;
         END IF;
         IF v_found THEN
             -- the local version came from another node: a receiver may not have it yet (3+ nodes,
@@ -328,16 +274,9 @@ BEGIN
                 CASE WHEN p_deleted THEN NULL ELSE p_img END)
         ON CONFLICT (tbl, pk) DO NOTHING;
         IF FOUND THEN
-            v_done := true;
-            EXIT;
-        END IF;     -- a concurrent writer committed a first version (or held the one SKIP LOCKED passed): build on it
+            RETURN;
+        END IF;     -- a concurrent writer committed a first version meanwhile: build on it
     END LOOP;
-    IF v_lock_timeout IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
-    END IF;
-    IF v_done THEN
-        RETURN;
-    END IF;
     RAISE EXCEPTION 'steep_repl: could not record a version for % % (concurrent writers)', p_tbl, p_pk
         USING HINT = 'Fix: retry the transaction.', ERRCODE = '40001';
 END $$;
@@ -538,118 +477,121 @@ BEGIN
     END IF;
     v_conflict := r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node;
 
-    -- R applies (descends from L, or wins): leaving this block, the version becomes the local one
-    <<decide>>
-    BEGIN
-        IF NOT v_conflict AND NOT r.forced AND (r.deleted OR l.deleted = (r.op = 'I')) THEN
-            -- R descends from L: the native user-row change that follows applies it (L live: the row
-            -- exists for an UPDATE/DELETE; L a tombstone: the row is absent for the re-INSERT)
-            IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
-                PERFORM steep_repl._ctx_set(v_key, NULL);
-            END IF;
-            EXIT decide;                            -- the version applies like a remote winner's
-        END IF;
-
-        SELECT * INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl;
-        IF NOT FOUND THEN                           -- not a table we manage here: keep the version only
+    IF NOT v_conflict AND NOT r.forced AND (r.deleted OR l.deleted = (r.op = 'I')) THEN
+        -- R descends from L: the native user-row change that follows applies it (L live: the row
+        -- exists for an UPDATE/DELETE; L a tombstone: the row is absent for the re-INSERT)
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
             PERFORM steep_repl._ctx_set(v_key, NULL);
-            IF p_update THEN RETURN true; END IF;
-            DELETE FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk;
-            INSERT INTO steep_repl.row_version VALUES (r.*);
-            RETURN false;
         END IF;
-        IF NOT v_conflict THEN
+        IF p_update THEN
+            RETURN true;
+        END IF;
+        UPDATE steep_repl.row_version v
+           SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
+               base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
+               gen = r.gen, op = r.op, img = r.img
+         WHERE v.tbl = r.tbl AND v.pk = r.pk;
+        RETURN false;
+    END IF;
+
+    SELECT * INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl;
+    IF NOT FOUND THEN                           -- not a table we manage here: keep the version only
+        PERFORM steep_repl._ctx_set(v_key, NULL);
+        IF p_update THEN RETURN true; END IF;
+        DELETE FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk;
+        INSERT INTO steep_repl.row_version VALUES (r.*);
+        RETURN false;
+    END IF;
+    IF NOT v_conflict THEN
+        v_remote := true;
+    ELSE
+        -- the table's strategy, cached for the transaction
+        v_cache := pg_catalog.current_setting('steep_repl.apply_strategy', true);
+        IF v_cache IS NOT NULL AND pg_catalog.split_part(v_cache, E'\t', 1) = r.tbl THEN
+            v_strategy := pg_catalog.split_part(v_cache, E'\t', 2);
+            v_list := NULLIF(pg_catalog.split_part(v_cache, E'\t', 3), '')::TEXT[];
+        ELSE
+            SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(t.table_schema, t.table_name) s;
+            PERFORM pg_catalog.set_config('steep_repl.apply_strategy',
+                r.tbl || E'\t' || v_strategy || E'\t' || coalesce(v_list::TEXT, ''), true);
+        END IF;
+        v_type := CASE WHEN r.deleted AND l.deleted THEN 'DELETE_DELETE'
+                       WHEN r.deleted OR l.deleted THEN 'UPDATE_DELETE'
+                       WHEN r.op = 'I' AND l.op = 'I' THEN 'INSERT_INSERT'
+                       ELSE 'UPDATE_UPDATE' END;
+        IF r.gen <> l.gen THEN
+            v_remote := r.gen > l.gen;          -- a newer resolution beats everything older
+        ELSIF v_type = 'DELETE_DELETE' THEN
+            v_remote := steep_repl._beats('last_write_wins', NULL, r, l);
+        ELSIF v_strategy = 'keep_local' OR v_strategy = 'manual' THEN
+            v_remote := false;
+        ELSIF v_strategy = 'apply_remote' THEN
             v_remote := true;
+        ELSIF v_strategy = 'last_write_wins' AND r.epoch = l.epoch AND r.deleted = l.deleted AND r.ver_ts <> l.ver_ts THEN
+            v_remote := r.ver_ts > l.ver_ts;    -- _beats('last_write_wins', ...) inlined for the common case
         ELSE
-            -- the table's strategy, cached for the transaction
-            v_cache := pg_catalog.current_setting('steep_repl.apply_strategy', true);
-            IF v_cache IS NOT NULL AND pg_catalog.split_part(v_cache, E'\t', 1) = r.tbl THEN
-                v_strategy := pg_catalog.split_part(v_cache, E'\t', 2);
-                v_list := NULLIF(pg_catalog.split_part(v_cache, E'\t', 3), '')::TEXT[];
-            ELSE
-                SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(t.table_schema, t.table_name) s;
-                PERFORM pg_catalog.set_config('steep_repl.apply_strategy',
-                    r.tbl || E'\t' || v_strategy || E'\t' || coalesce(v_list::TEXT, ''), true);
-            END IF;
-            v_type := CASE WHEN r.deleted AND l.deleted THEN 'DELETE_DELETE'
-                           WHEN r.deleted OR l.deleted THEN 'UPDATE_DELETE'
-                           WHEN r.op = 'I' AND l.op = 'I' THEN 'INSERT_INSERT'
-                           ELSE 'UPDATE_UPDATE' END;
-            IF r.gen <> l.gen THEN
-                v_remote := r.gen > l.gen;          -- a newer resolution beats everything older
-            ELSIF v_type = 'DELETE_DELETE' THEN
-                v_remote := steep_repl._beats('last_write_wins', NULL, r, l);
-            ELSIF v_strategy = 'keep_local' OR v_strategy = 'manual' THEN
-                v_remote := false;
-            ELSIF v_strategy = 'apply_remote' THEN
-                v_remote := true;
-            ELSIF v_strategy = 'last_write_wins' AND r.epoch = l.epoch AND r.deleted = l.deleted AND r.ver_ts <> l.ver_ts THEN
-                v_remote := r.ver_ts > l.ver_ts;    -- _beats('last_write_wins', ...) inlined for the common case
-            ELSE
-                v_remote := steep_repl._beats(v_strategy, v_list, r, l);
-            END IF;
-            v_resolution := CASE WHEN v_type = 'DELETE_DELETE' THEN 'BENIGN'
-                                 WHEN v_strategy = 'manual' AND NOT v_remote THEN 'PENDING'
-                                 WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END;
+            v_remote := steep_repl._beats(v_strategy, v_list, r, l);
         END IF;
+        v_resolution := CASE WHEN v_type = 'DELETE_DELETE' THEN 'BENIGN'
+                             WHEN v_strategy = 'manual' AND NOT v_remote THEN 'PENDING'
+                             WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END;
+    END IF;
 
-        -- remote wins: the row becomes the version's image (or goes), the version becomes the local one.
-        -- v_cur: the local row before (row locked after the version: the lock order of every apply worker)
-        IF v_remote AND r.deleted AND NOT r.forced THEN
-            -- the native DELETE (or primary-key-changing UPDATE) that follows removes the row
-            IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
-                PERFORM steep_repl._ctx_set(v_key, NULL);
-            END IF;
-            v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+    -- remote wins: the row becomes the version's image (or goes), the version becomes the local one.
+    -- v_cur: the local row before (row locked after the version: the lock order of every apply worker)
+    IF v_remote AND r.deleted AND NOT r.forced THEN
+        -- the native DELETE (or primary-key-changing UPDATE) that follows removes the row
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
+            PERFORM steep_repl._ctx_set(v_key, NULL);
+        END IF;
+        v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+    ELSE
+        -- decided and materialised here: the user-row change that follows is skipped
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+            PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ns' || v_key || E'\n', true);
         ELSE
-            -- decided and materialised here: the user-row change that follows is skipped
-            IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
-                PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ns' || v_key || E'\n', true);
-            ELSE
-                PERFORM steep_repl._ctx_set(v_key, 's');
-            END IF;
-            IF NOT v_remote THEN
-                v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
-            ELSIF r.deleted THEN
-                v_cur := steep_repl._rowop(r.tbl, 'take', r.pk, NULL);
-            ELSE
-                v_cur := steep_repl._rowop(r.tbl, 'swap', r.pk, r.img);
-            END IF;
+            PERFORM steep_repl._ctx_set(v_key, 's');
         END IF;
-
-        IF v_conflict THEN
-            -- the subscription's name, once per transaction
-            v_sub := pg_catalog.current_setting('steep_repl.apply_sub', true);
-            IF v_sub IS NULL OR v_sub = '' THEN
-                v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
-                                   WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
-                PERFORM pg_catalog.set_config('steep_repl.apply_sub', v_sub, false);   -- fixed for the worker
-            END IF;
-            INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
-                local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
-                resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple)
-            VALUES (v_sub, t.table_schema, t.table_name, v_type,
-                v_cur, r.img, l.ver_node, r.ver_node, l.ver_ts, r.ver_ts, r.origin_xid,
-                v_resolution,
-                CASE WHEN v_resolution = 'PENDING' THEN NULL ELSE pg_catalog.now() END,
-                CASE WHEN v_resolution = 'PENDING' THEN NULL
-                     WHEN r.gen <> l.gen THEN 'steep_repl:generation' ELSE 'steep_repl:' || v_strategy END,
-                r.pk, v_strategy, CASE WHEN v_remote THEN 'remote' ELSE 'local' END,
-                steep_repl._version_json(l), steep_repl._version_json(r),
-                CASE WHEN v_resolution = 'PENDING' THEN NULL WHEN v_remote THEN r.img ELSE v_cur END);
-        END IF;
-
         IF NOT v_remote THEN
-            RETURN false;                            -- local version and row stay
+            v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+        ELSIF r.deleted THEN
+            v_cur := steep_repl._rowop(r.tbl, 'take', r.pk, NULL);
+        ELSE
+            v_cur := steep_repl._rowop(r.tbl, 'swap', r.pk, r.img);
         END IF;
-        IF r.forced THEN
-            PERFORM steep_repl._settle_pending(t.table_schema, t.table_name, r.pk, 'APPLIED_REMOTE',
-                'steep_repl:resolution@' || r.ver_node, r.img, 'resolved by a manual resolution on ' || r.ver_node);
-        END IF;
-    END;
+    END IF;
 
+    IF v_conflict THEN
+        -- the subscription's name, once per transaction
+        v_sub := pg_catalog.current_setting('steep_repl.apply_sub', true);
+        IF v_sub IS NULL OR v_sub = '' THEN
+            v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
+                               WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
+            PERFORM pg_catalog.set_config('steep_repl.apply_sub', v_sub, false);   -- fixed for the worker
+        END IF;
+        INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
+            local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
+            resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple)
+        VALUES (v_sub, t.table_schema, t.table_name, v_type,
+            v_cur, r.img, l.ver_node, r.ver_node, l.ver_ts, r.ver_ts, r.origin_xid,
+            v_resolution,
+            CASE WHEN v_resolution = 'PENDING' THEN NULL ELSE pg_catalog.now() END,
+            CASE WHEN v_resolution = 'PENDING' THEN NULL
+                 WHEN r.gen <> l.gen THEN 'steep_repl:generation' ELSE 'steep_repl:' || v_strategy END,
+            r.pk, v_strategy, CASE WHEN v_remote THEN 'remote' ELSE 'local' END,
+            steep_repl._version_json(l), steep_repl._version_json(r),
+            CASE WHEN v_resolution = 'PENDING' THEN NULL WHEN v_remote THEN r.img ELSE v_cur END);
+    END IF;
+
+    IF NOT v_remote THEN
+        RETURN false;                            -- local version and row stay
+    END IF;
+    IF r.forced THEN
+        PERFORM steep_repl._settle_pending(t.table_schema, t.table_name, r.pk, 'APPLIED_REMOTE',
+            'steep_repl:resolution@' || r.ver_node, r.img, 'resolved by a manual resolution on ' || r.ver_node);
+    END IF;
     IF p_update THEN
-        RETURN true;                             -- the native UPDATE of the version applies it
+        RETURN true;
     END IF;
     UPDATE steep_repl.row_version v
        SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,

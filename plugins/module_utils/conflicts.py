@@ -305,11 +305,10 @@ def revert(sql, conn, conflict_id, reason="Manual revert"):
     return {"changed": True, "conflict": after, "before": before, "new_conflict_id": new_id, "queries": sql.queries}
 
 
-# Errors a local write of the resolution API can meet next to apply workers: it was rolled back, a re-run works.
+# Errors a write of the resolution API can meet next to apply workers and other sessions: rolled back, a re-run works.
 RETRYABLE = {
-    "40P01": "this write was the deadlock victim an apply worker must never be",
-    "55P03": "it waited for a lock longer than lock_timeout or steep_repl.local_lock_timeout allows, "
-             "e.g. behind an apply worker holding the key",
+    "40P01": "this write was the victim of a deadlock, as a local write next to an apply worker must be",
+    "55P03": "it waited for a lock longer than lock_timeout allows",
 }
 
 

@@ -243,8 +243,7 @@ def push_reconciled(target_kw, attempts=5):
                 try:
                     pushed += fetch_value(conn, "SELECT steep_repl.reconcile_push_table(%s)", (tbl,))
                     break
-                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure,
-                        psycopg2.errors.LockNotAvailable):
+                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure):
                     if attempt == attempts - 1:
                         raise
                     time.sleep(0.2)

@@ -95,6 +95,25 @@ def apply_errors(lab):
                           "WHERE subname LIKE 'steep\\_%%'")[0][0] for n in lab.nodes}
 
 
+def divergence_report(lab, table, limit=8):
+    """What a test needs to explain rows that did not converge: per node, the version rows of every key whose
+    row differs between nodes, and the last conflicts logged for those keys."""
+    rows = {n.name: {r[0]: r for r in n.sql("SELECT pg_catalog.jsonb_build_array(id)::text, * FROM %s" % table)}
+            for n in lab.nodes}
+    keys = sorted(set().union(*rows.values()))
+    differ = [k for k in keys if len(set(repr(r.get(k)) for r in rows.values())) > 1]
+    out = {}
+    for n in lab.nodes:
+        out[n.name] = {
+            "versions": n.sql("SELECT pk, ver_ts::text, ver_node, depth, epoch, deleted, op, base_ts::text, base_node, gen, "
+                              "forced, img::text FROM steep_repl.row_version WHERE tbl = %s AND pk = ANY(%s) ORDER BY pk",
+                              (table, differ)),
+            "conflicts": [dict((k, c[k]) for k in ("id", "pk", "type", "resolution", "winner", "local_origin",
+                                                     "remote_origin", "local_ts", "remote_ts", "local_tuple", "remote_tuple"))
+                          for c in conflicts(n, table) if c["pk"] in differ][-limit:]}
+    return {"differing keys": differ, "nodes": out}
+
+
 def server_errors(lab, limit=12):
     """The apply workers' ERROR lines of every node's server log with the lines that explain them (DETAIL,
     CONTEXT, ...): the message of an assertion on apply errors, so a failure says which error it was."""
@@ -121,9 +140,9 @@ def server_errors(lab, limit=12):
 
 def write_loop(node, stop, step, errors, pause=0.005):
     """The body of a background writer thread: step(cur, i) makes one autocommit write (i = 1, 2, ...)
-    until stop is set. A deadlock or lock-timeout error is the local write the engine cancels on purpose
-    (docs/conflicts.md, Deadlocks): that write never happened anywhere, the loop goes on with the next
-    one. Any other error ends the loop and is appended to errors (the test reports it)."""
+    until stop is set. A deadlock error is the local write the engine cancels on purpose
+    (docs/conflicts.md): that write never happened anywhere, the loop goes on with the next one. Any
+    other error ends the loop and is appended to errors (the test reports it)."""
     conn = node.connect()
     i = 0
     try:
@@ -132,7 +151,7 @@ def write_loop(node, stop, step, errors, pause=0.005):
                 i += 1
                 try:
                     step(cur, i)
-                except (psycopg2.errors.DeadlockDetected, psycopg2.errors.LockNotAvailable):
+                except psycopg2.errors.DeadlockDetected:
                     continue
                 time.sleep(pause)
     except Exception as exc:  # pragma: no cover - reported by the test
@@ -176,7 +195,7 @@ def run_workload(lab, table, seed, seconds=3.0, keys=6, threads_per_node=2):
                     with lock:
                         stats["commits"] += 1
                 except psycopg2.Error:
-                    conn.rollback()  # a legitimate client-side error (duplicate key, deadlock victim, lock timeout)
+                    conn.rollback()  # a legitimate client-side error (e.g. duplicate key, deadlock victim)
                     with lock:
                         stats["errors"] += 1
                 time.sleep(rng.random() * 0.01)

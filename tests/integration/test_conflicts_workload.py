@@ -24,7 +24,11 @@ def test_random_workload_converges(lab_factory, count, majors, strategy):
                                  "steep_conflict_default_strategy": strategy})
     stats = cs.run_workload(lab, "public.hot", seed="%s-%s-%s" % (SEED, count, strategy), seconds=3.0, keys=5)
     assert stats["commits"] > 50, stats
-    final = mesh.wait_converged(lab, "SELECT id, v, who, n FROM public.hot ORDER BY id", timeout=90)
+    try:
+        final = mesh.wait_converged(lab, "SELECT id, v, who, n FROM public.hot ORDER BY id", timeout=90)
+    except AssertionError as exc:
+        raise AssertionError("%s\n%r\napply workers' errors: %r" % (exc, cs.divergence_report(lab, "public.hot"),
+                                                                     cs.server_errors(lab))) from None
     # same versions everywhere too (the metadata converges with the rows)
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, img::text FROM steep_repl.row_version "
                              "WHERE tbl = 'public.hot' ORDER BY pk", timeout=30)
