@@ -95,6 +95,10 @@ def apply_errors(lab):
                           "WHERE subname LIKE 'steep\\_%%'")[0][0] for n in lab.nodes}
 
 
+REPORTED = ("id", "pk", "type", "resolution", "winner", "local_origin", "remote_origin", "local_ts", "remote_ts",
+            "local_tuple", "remote_tuple")
+
+
 def divergence_report(lab, table, limit=8):
     """What a test needs to explain rows that did not converge: per node, the version rows of every key whose
     row differs between nodes, and the last conflicts logged for those keys."""
@@ -108,9 +112,7 @@ def divergence_report(lab, table, limit=8):
             "versions": n.sql("SELECT pk, ver_ts::text, ver_node, depth, epoch, deleted, op, base_ts::text, base_node, gen, "
                               "forced, img::text FROM steep_repl.row_version WHERE tbl = %s AND pk = ANY(%s) ORDER BY pk",
                               (table, differ)),
-            "conflicts": [dict((k, c[k]) for k in ("id", "pk", "type", "resolution", "winner", "local_origin",
-                                                     "remote_origin", "local_ts", "remote_ts", "local_tuple", "remote_tuple"))
-                          for c in conflicts(n, table) if c["pk"] in differ][-limit:]}
+            "conflicts": [dict((k, c[k]) for k in REPORTED) for c in conflicts(n, table) if c["pk"] in differ][-limit:]}
     return {"differing keys": differ, "nodes": out}
 
 

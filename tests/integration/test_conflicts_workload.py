@@ -27,8 +27,8 @@ def test_random_workload_converges(lab_factory, count, majors, strategy):
     try:
         final = mesh.wait_converged(lab, "SELECT id, v, who, n FROM public.hot ORDER BY id", timeout=90)
     except AssertionError as exc:
-        raise AssertionError("%s\n%r\napply workers' errors: %r" % (exc, cs.divergence_report(lab, "public.hot"),
-                                                                     cs.server_errors(lab))) from None
+        report = cs.divergence_report(lab, "public.hot")
+        raise AssertionError("%s\n%r\napply workers' errors: %r" % (exc, report, cs.server_errors(lab))) from None
     # same versions everywhere too (the metadata converges with the rows)
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, img::text FROM steep_repl.row_version "
                              "WHERE tbl = 'public.hot' ORDER BY pk", timeout=30)
