@@ -252,16 +252,15 @@ class Agent:
                 role=ag.get("role") if r.get("agent_ok") else None, lsn=r.get("lsn"), priority=p["priority"])
         total = len(all_nodes(self.cfg))
         priorities = dict((n["name"], n["priority"]) for n in all_nodes(self.cfg))
-        if time.monotonic() - self.started_mono < self.grace:
-            unanswered = sorted(p["name"] for p in self.cfg["peers"]
-                                if p.get("agent_port") and not peers.get(p["name"], {}).get("agent_ok"))
-            claimers = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
-            held = election.startup_eligible(eligible, claimers, unanswered, True)
-            if held != eligible:
-                left = self.grace - (time.monotonic() - self.started_mono)
-                events.append("startup hold: agent(s) of %s not answering, voting only for a visible coordinator "
-                              "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claimers) or "none", left))
-                eligible = held
+        claims = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
+        hold_left = self.grace - (time.monotonic() - self.started_mono)
+        unanswered = sorted(p["name"] for p in self.cfg["peers"]
+                            if p.get("agent_port") and not peers.get(p["name"], {}).get("agent_ok"))
+        held = election.startup_eligible(eligible, claims, unanswered, hold_left > 0)
+        if held != eligible:
+            events.append("startup hold: agent(s) of %s not answering, voting only for a visible coordinator "
+                          "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claims) or "none", hold_left))
+            eligible = held
         dec = election.decide(self.me["name"], eligible, peer_votes, total, priorities, self.cfg["mode"], self.cfg["hub"])
         if dec["vote"] and dec["vote"] != self.me["name"]:
             # The peer we vote for may hold a coordinator lease that rests on this vote even if we never saw it
@@ -270,7 +269,6 @@ class Agent:
             self.peer_claim_seen[dec["vote"]] = time.monotonic()
         coordinator = dec["coordinator"]
         if coordinator is None:
-            claims = [n for n, v in peer_view.items() if v["role"] == "coordinator"]
             coordinator = claims[0] if len(claims) == 1 else None
         if dec["is_coordinator"] and not self.is_coordinator:
             # Take over only when no other node may still hold a coordinator lease: a peer that claimed the role (or
