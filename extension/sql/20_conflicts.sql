@@ -11,9 +11,8 @@
 -- apply worker while the table grows, making every lookup of a bulk load scan the table.
 
 -- One row per replicated key: the version the local row currently holds (or a tombstone).
--- Published together with the user tables. An origin replaces its OWN version of a key in place
--- (one UPDATE: every receiver holds a version row of that key) and another node's version with
--- DELETE + INSERT (a receiver may not have it yet and would drop an UPDATE as update_missing).
+-- Published together with the user tables. An origin replaces a key's version with DELETE + INSERT,
+-- never an UPDATE in place: receivers decide every version in their INSERT trigger (steep_repl._capture).
 CREATE TABLE IF NOT EXISTS steep_repl.row_version (
     tbl        TEXT NOT NULL,            -- 'schema.table'
     pk         TEXT NOT NULL,            -- pg_catalog.jsonb_build_array(pk1, pk2, ...)::text
@@ -212,6 +211,46 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Origin side: a new version for every local write
 -- ---------------------------------------------------------------------------------------------
+-- A local UPDATE or DELETE waits here for a version another transaction holds. PostgreSQL locked the
+-- row before the BEFORE ROW trigger, and an apply worker that holds the version takes the row next: a
+-- deadlock this session must lose (docs/conflicts.md, Deadlocks). PostgreSQL looks for a deadlock ONCE
+-- per lock wait, at deadlock_timeout; a cycle that closes later (three nodes: a second local session
+-- queued on the row, the apply worker joining last) would be found only by the apply worker, at its
+-- 5 s, and cost an apply error. So the wait runs in rounds of at most 1.5 s (lock_timeout): every round
+-- is a new wait with its own check at this session's 1 s deadlock_timeout. The caller's lock_timeout
+-- still ends the wait (55P03 as PostgreSQL raises it). Returns the locked version (NULL fields: it was
+-- deleted meanwhile).
+CREATE OR REPLACE FUNCTION steep_repl._version_wait(p_tbl TEXT, p_pk TEXT, p_limit TEXT)
+RETURNS steep_repl.row_version
+LANGUAGE plpgsql SET search_path = '' SET enable_seqscan = off SET lock_timeout = '1500ms' AS $$
+DECLARE
+    l steep_repl.row_version;
+    v_limit INTERVAL := p_limit::INTERVAL;      -- the caller's lock_timeout ('0': none)
+    v_start TIMESTAMPTZ := pg_catalog.clock_timestamp();
+    v_left INTERVAL;
+BEGIN
+    LOOP
+        IF v_limit > interval '0' THEN
+            v_left := v_limit - (pg_catalog.clock_timestamp() - v_start);
+            IF v_left <= interval '0' THEN
+                RAISE EXCEPTION 'canceling statement due to lock timeout'
+                    USING DETAIL = pg_catalog.format('Waited lock_timeout (%s) for the version of %s %s.', p_limit, p_tbl, p_pk),
+                          ERRCODE = '55P03';
+            END IF;
+        END IF;
+        BEGIN
+            IF v_left < interval '1500ms' THEN
+                PERFORM pg_catalog.set_config('lock_timeout',
+                    pg_catalog.ceil(pg_catalog.date_part('epoch', v_left) * 1000)::BIGINT || 'ms', true);
+            END IF;
+            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE;
+            RETURN l;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;   -- no deadlock in this round (that raises 40P01): wait again, PostgreSQL checks again
+        END;
+    END LOOP;
+END $$;
+
 CREATE OR REPLACE FUNCTION steep_repl._capture(p_tbl TEXT, p_pk TEXT, p_deleted BOOLEAN, p_img JSONB,
                                                p_insert BOOLEAN DEFAULT false)
 RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $$
@@ -226,37 +265,36 @@ BEGIN
             USING HINT = 'Fix: run the foundation play (playbooks/steep_foundation.yml) before writing to replicated tables.';
     END IF;
     -- in a deadlock with an apply worker (deadlock_timeout 5s there) this session must be the victim.
-    -- 1s, not less: PostgreSQL checks for a deadlock ONCE per lock wait, so a check that runs before a
-    -- cycle closes (e.g. two apply workers and this session, the last edge added a few hundred ms
-    -- later on a busy machine) finds nothing, and an apply worker detects the cycle at its 5s instead.
+    -- 1s, not less: a deadlock check is not free, and a wait for a version runs one every round
+    -- (steep_repl._version_wait), so a check that comes before a cycle closes is repeated.
     IF pg_catalog.current_setting('deadlock_timeout') <> '1s' THEN
         PERFORM pg_catalog.set_config('deadlock_timeout', '1s', true);
     END IF;
     FOR i IN 1..5 LOOP
         l := NULL;
-        SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE;
-        v_found := FOUND;
+        IF p_insert THEN
+            -- no lock on this key's row yet: wait for the version as an apply worker does (version, then row)
+            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE;
+            v_found := FOUND;
+        ELSE
+            SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk FOR UPDATE SKIP LOCKED;
+            v_found := FOUND;
+            IF NOT v_found AND EXISTS (SELECT 1 FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk) THEN
+                l := steep_repl._version_wait(p_tbl, p_pk, pg_catalog.current_setting('lock_timeout'));
+                v_found := l.tbl IS NOT NULL;
+            END IF;
+        END IF;
         IF v_found AND p_insert AND NOT l.deleted THEN
             RETURN;     -- the key exists: this INSERT fails or becomes ON CONFLICT DO UPDATE/NOTHING
         END IF;
-        IF v_found AND l.ver_node = v_me THEN
-            -- every receiver holds a version row of this key (it received l, or its copy holds it):
-            -- one UPDATE in place; receivers decide it in the trigger on OLD (fast path: no decision at all)
-            UPDATE steep_repl.row_version v
-               SET ver_ts = GREATEST(pg_catalog.clock_timestamp(), l.ver_ts + interval '1 microsecond'),
-                   depth = l.depth + 1,
-                   epoch = CASE WHEN l.deleted AND NOT p_deleted THEN l.epoch + 1 ELSE l.epoch END,
-                   deleted = p_deleted, base_ts = l.ver_ts, base_node = l.ver_node,
-                   origin_xid = pg_catalog.txid_current(), forced = v_forced,
-                   gen = l.gen + CASE WHEN v_forced THEN 1 ELSE 0 END,
-                   op = CASE WHEN p_deleted THEN 'D' WHEN l.deleted THEN 'I' ELSE 'U' END,
-                   img = CASE WHEN p_deleted THEN NULL ELSE p_img END
-             WHERE v.tbl = p_tbl AND v.pk = p_pk;
-            RETURN;
-        END IF;
         IF v_found THEN
-            -- the local version came from another node: a receiver may not have it yet (3+ nodes,
-            -- different paths) and would drop an UPDATE as update_missing without firing a trigger
+            -- never an UPDATE in place: receivers get every version as an INSERT and find their own
+            -- version of the key in the row_version trigger (an MVCC snapshot, and again when it moved).
+            -- An UPDATE is looked up by the apply worker itself, with a dirty-snapshot index scan that
+            -- can miss a version row another transaction moves (a non-HOT update, DELETE + INSERT)
+            -- at that moment, and drops it as update_missing without firing a trigger; the user-row
+            -- change that follows would then apply undecided. (A receiver may also not hold this
+            -- key's version yet: 3+ nodes, different paths.)
             DELETE FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_pk;
         END IF;
         INSERT INTO steep_repl.row_version (tbl, pk, ver_ts, ver_node, depth, epoch, deleted, base_ts, base_node,
@@ -604,10 +642,13 @@ END $$;
 
 -- BEFORE trigger (ENABLE REPLICA) on steep_repl.row_version. No SECURITY DEFINER, no SET clause and no
 -- WHEN clause (the apply worker builds a new executor state per change, so a WHEN expression is
--- deserialised and compiled again for every row: dearer than this call): the fast path — an UPDATE
--- (the origin replaced its own version in place) whose base is the local version, not forced, whose
--- operation fits the local version, nothing pending in the context, the worker's deadlock_timeout set —
--- returns NEW at once: the native update applies the version, the native user-row change the row.
+-- deserialised and compiled again for every row: dearer than this call). Origins send every version
+-- as an INSERT (steep_repl._capture says why); the fast paths, with nothing pending in the context, not
+-- forced and the worker's deadlock_timeout set: a first version claims its key, and a version whose
+-- base is the local version and whose operation fits the local row replaces it here; the native
+-- user-row change that follows applies the row. An UPDATE (an origin on an earlier 1.1 build replaced
+-- its own version in place) is decided on OLD, its fast path returns NEW at once. The DELETE half of a
+-- replacement is ignored.
 CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -628,29 +669,44 @@ BEGIN
         IF pg_catalog.pg_trigger_depth() > 1 THEN
             RETURN NEW;
         END IF;
-        -- fast path of a first version (bulk INSERT): claim the key here, ON CONFLICT because a local
-        -- writer may insert the same key concurrently; the native INSERT of the row that follows is
-        -- checked by the user-table trigger ("g": a row without a version may exist). Anything else
-        -- (a local version exists, forced, tombstone, something pending) is decided by _version_decide.
-        IF NEW.op = 'I' AND NOT NEW.forced AND NOT NEW.deleted
-           AND pg_catalog.current_setting('deadlock_timeout') = '5s'
+        IF NOT NEW.forced AND pg_catalog.current_setting('deadlock_timeout') = '5s'
            AND coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = ''
            AND pg_catalog.pg_replication_origin_session_is_setup() THEN
-            INSERT INTO steep_repl.row_version VALUES (NEW.*) ON CONFLICT (tbl, pk) DO NOTHING;
+            IF NEW.op = 'I' AND NOT NEW.deleted THEN
+                -- a first version (bulk INSERT): claim the key here, ON CONFLICT because a local writer
+                -- may insert the same key concurrently; the native INSERT of the row that follows is
+                -- checked by the user-table trigger ("g": a row without a version may exist)
+                INSERT INTO steep_repl.row_version VALUES (NEW.*) ON CONFLICT (tbl, pk) DO NOTHING;
+                IF FOUND THEN
+                    PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
+                    RETURN NULL;
+                END IF;
+            END IF;
+            -- fast path: the version descends from the local one (its base) and its operation fits the
+            -- local row: one UPDATE replaces it (locking it: version first, as every apply worker), and
+            -- the native user-row change that follows applies the row. An MVCC statement: if the local
+            -- version changed meanwhile, the condition is checked again on the newest; if it moved
+            -- (DELETE + INSERT), nothing matches and _version_decide looks again.
+            UPDATE steep_repl.row_version v
+               SET ver_ts = NEW.ver_ts, ver_node = NEW.ver_node, depth = NEW.depth, epoch = NEW.epoch,
+                   deleted = NEW.deleted, base_ts = NEW.base_ts, base_node = NEW.base_node,
+                   origin_xid = NEW.origin_xid, forced = NEW.forced, gen = NEW.gen, op = NEW.op, img = NEW.img
+             WHERE v.tbl = NEW.tbl AND v.pk = NEW.pk AND v.ver_ts = NEW.base_ts AND v.ver_node = NEW.base_node
+               AND (NEW.deleted OR v.deleted = (NEW.op = 'I'));
             IF FOUND THEN
-                PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
                 RETURN NULL;
             END IF;
-            -- a local version exists (INSERT_INSERT): lock it (version first, as every apply worker) and
-            -- hand it over, so that _version_decide does not try the same claim again
+            -- not descending (a conflict, a duplicate, a tombstone first...): lock the local version and
+            -- hand it over, so that _version_decide does not claim the key first
             SELECT * INTO l FROM steep_repl.row_version v WHERE v.tbl = NEW.tbl AND v.pk = NEW.pk FOR UPDATE;
         END IF;
+        -- anything else (also forced versions, or something pending in the context)
         IF steep_repl._version_decide(false, l, NEW) THEN
             RETURN NEW;
         END IF;
         RETURN NULL;
     END IF;
-    -- DELETE: origins replace others' versions by DELETE + INSERT; an apply worker ignores the DELETE
+    -- DELETE: origins replace versions by DELETE + INSERT; an apply worker ignores the DELETE
     IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
         RETURN OLD;
     END IF;
@@ -1170,5 +1226,6 @@ END $$;
 
 -- SECURITY DEFINER helpers are for the generated triggers only.
 REVOKE ALL ON FUNCTION steep_repl._capture(TEXT, TEXT, BOOLEAN, JSONB, BOOLEAN) FROM PUBLIC;
+REVOKE ALL ON FUNCTION steep_repl._version_wait(TEXT, TEXT, TEXT) FROM PUBLIC;
 REVOKE ALL ON FUNCTION steep_repl._settle_pending(TEXT, TEXT, TEXT, TEXT, TEXT, JSONB, TEXT) FROM PUBLIC;
 REVOKE ALL ON FUNCTION steep_repl._truncate_versions() FROM PUBLIC;

@@ -116,28 +116,55 @@ def divergence_report(lab, table, limit=8):
     return {"differing keys": differ, "nodes": out}
 
 
+def apply_error_blocks(text):
+    """The apply workers' ERROR lines in server-log text, each with the lines that explain it (DETAIL,
+    CONTEXT, ...); clients' errors (e.g. a local deadlock victim) are left out."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if " ERROR: " not in line:
+            continue
+        block = [line]
+        for ln in lines[i + 1:i + 12]:
+            if not (ln.startswith("\t") or any(" %s: " % k in ln for k in ("DETAIL", "CONTEXT", "HINT", "STATEMENT"))):
+                break
+            block.append(ln)
+        block = "\n".join(block)
+        if "remote data" in block or "logical replication" in block:
+            found.append(block)
+    return found
+
+
+def server_log(node):
+    log = Path(node.datadir) / "server.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
 def server_errors(lab, limit=12):
-    """The apply workers' ERROR lines of every node's server log with the lines that explain them (DETAIL,
-    CONTEXT, ...): the message of an assertion on apply errors, so a failure says which error it was."""
+    """The apply workers' errors in every node's server log: the message of an assertion on apply errors,
+    so a failure says which error it was."""
     out = {}
     for n in lab.nodes:
-        log = Path(n.datadir) / "server.log"
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        found = []
-        for i, line in enumerate(lines):
-            if " ERROR: " not in line:
-                continue
-            block = [line]
-            for ln in lines[i + 1:i + 12]:
-                if not (ln.startswith("\t") or any(" %s: " % k in ln for k in ("DETAIL", "CONTEXT", "HINT", "STATEMENT"))):
-                    break
-                block.append(ln)
-            text = "\n".join(block)
-            if "remote data" in text or "logical replication" in text:   # the apply worker's, not the clients'
-                found.append(text)
+        found = apply_error_blocks(server_log(n))
         if found:
             out[n.name] = found[-limit:]
     return out
+
+
+def image_mismatch_query(table, key="id"):
+    """SQL (one parameter: the table name) listing the keys of ``table`` whose row is not the image of its
+    version: a row without a version, a live version without its row, a tombstone with a row, or a row that
+    differs from the image. One statement, so one snapshot: no row on any committed state of a consistent node."""
+    return ("SELECT coalesce(v.pk, pg_catalog.jsonb_build_array(h.{k})::text), v.deleted, v.img::text, "
+            "pg_catalog.to_jsonb(h.*)::text "
+            "FROM (SELECT * FROM steep_repl.row_version WHERE tbl = %s) v "
+            "FULL JOIN {t} h ON pg_catalog.jsonb_build_array(h.{k})::text = v.pk "
+            "WHERE v.pk IS NULL OR v.deleted <> (h.{k} IS NULL) "
+            "OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(h.*))").format(k=key, t=table)
+
+
+def image_mismatches(node, table, key="id"):
+    return node.sql(image_mismatch_query(table, key), (table,))
 
 
 def write_loop(node, stop, step, errors, pause=0.005):

@@ -2,6 +2,8 @@
 2-node mesh (PG 17 + PG 18) built by the real site.yml; conflicts are made deterministic by
 pausing the subscriptions while both nodes write."""
 import json
+import threading
+import time
 import uuid
 
 import psycopg2
@@ -12,7 +14,7 @@ import mesh
 from conftest import LAB_BASE, run_playbook
 from steeplab import make_lab
 
-TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk"]
+TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk", "lk"]
 SETUP = ["CREATE TABLE public.%s (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)" % t for t in TABLES] + [
     "CREATE TABLE public.nopk (id int, v text)", "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"]
 STRATEGIES = {
@@ -257,6 +259,106 @@ def test_retryable_errors_are_explained(lab):
     msg = cu.explain_db_error(err.value)
     assert msg.startswith("canceling statement due to lock timeout. Fix: re-run the task, nothing was written"), msg
     assert value(n1, "lww") != "x"
+
+
+# --------------------------------------------------------------------------- locking
+SLEEP_TRIGGER = """CREATE OR REPLACE FUNCTION public.lk_sleep() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.tbl = 'public.lk' THEN PERFORM pg_catalog.pg_sleep(2.5); END IF;
+    RETURN NEW;
+END $$"""
+
+
+@pytest.mark.parametrize("target", [0, 1], ids=["apply-pg17", "apply-pg18"])
+def test_local_write_loses_a_deadlock_that_closes_late(lab, target):
+    """The three-node deadlock corner made deterministic: the apply worker holds a key's version and reaches the
+    row only after the local UPDATE, which holds that row and waits for the version, made its first deadlock
+    check (a REPLICA trigger on row_version sleeps 2.5 s in the apply worker after the version is locked). The
+    local write must lose (40P01) and the apply worker go on: no apply error, the remote value everywhere."""
+    origin, tgt = lab.nodes[1 - target], lab.nodes[target]
+    key = 1 + target
+    errors_before = cs.apply_errors(lab)
+    tgt.sql(SLEEP_TRIGGER)
+    tgt.sql("CREATE TRIGGER zz_lk_sleep BEFORE UPDATE ON steep_repl.row_version "
+            "FOR EACH ROW EXECUTE FUNCTION public.lk_sleep()")
+    tgt.sql("ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER zz_lk_sleep")
+    outcome = []
+    try:
+        origin.sql("UPDATE public.lk SET v = 'remote' WHERE id = %s", (key,))
+        cs.wait_for(lambda: tgt.sql("SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE wait_event = 'PgSleep' "
+                                    "AND backend_type = 'logical replication apply worker'")[0][0] == 1,
+                    timeout=30, what="the apply worker holding the version")
+
+        def local_write():
+            conn = tgt.connect()
+            try:
+                conn.cursor().execute("UPDATE public.lk SET v = 'local' WHERE id = %s", (key,))
+                outcome.append("committed")
+            except psycopg2.Error as exc:
+                outcome.append(exc.pgcode)
+            finally:
+                conn.close()
+        writer = threading.Thread(target=local_write)
+        writer.start()
+        writer.join(60)
+    finally:
+        tgt.sql("DROP TRIGGER IF EXISTS zz_lk_sleep ON steep_repl.row_version")
+        tgt.sql("DROP FUNCTION IF EXISTS public.lk_sleep()")
+    assert outcome == ["40P01"], outcome           # deadlock_detected: the local session was the victim
+    cs.sync(lab)
+    assert [value(n, "lk", key) for n in lab.nodes] == ["remote", "remote"]
+    assert cs.apply_errors(lab) == errors_before, cs.server_errors(lab)
+    mesh.assert_healthy(lab)
+
+
+def test_local_write_waits_for_a_version_within_its_lock_timeout(lab):
+    """A local UPDATE waiting for a version another transaction holds waits in rounds (a deadlock check each
+    round) but keeps the caller's lock_timeout: it fails with 55P03 and writes nothing when the limit passes,
+    and without a limit it waits as long as the holder holds (more than one round) and then writes. The
+    session's lock_timeout is its own again afterwards."""
+    for n in lab.nodes:
+        before_version = n.sql("SELECT depth, ver_ts FROM steep_repl.row_version WHERE tbl = 'public.lk' AND pk = '[3]'")
+        before_value = value(n, "lk", 3)
+        hold = n.connect(autocommit=False)
+        hold.cursor().execute("SELECT 1 FROM steep_repl.row_version WHERE tbl = 'public.lk' AND pk = '[3]' FOR UPDATE")
+        try:
+            conn = n.connect()
+            try:
+                cur = conn.cursor()
+                cur.execute("SET lock_timeout = '300ms'")
+                with pytest.raises(psycopg2.errors.LockNotAvailable) as err:
+                    cur.execute("UPDATE public.lk SET v = 'limited' WHERE id = 3")
+                assert "lock timeout" in str(err.value)
+                cur.execute("SHOW lock_timeout")
+                assert cur.fetchone() == ("300ms",)
+            finally:
+                conn.close()
+            assert value(n, "lk", 3) == before_value
+            assert n.sql("SELECT depth, ver_ts FROM steep_repl.row_version "
+                         "WHERE tbl = 'public.lk' AND pk = '[3]'") == before_version
+            done = []
+
+            def patient():
+                c = n.connect()
+                try:
+                    cur = c.cursor()
+                    cur.execute("UPDATE public.lk SET v = %s WHERE id = 3", ("waited-" + n.name,))
+                    cur.execute("SHOW lock_timeout")
+                    done.append(cur.fetchone())
+                finally:
+                    c.close()
+            writer = threading.Thread(target=patient)
+            writer.start()
+            time.sleep(2.5)          # longer than one wait round (1.5 s)
+            assert writer.is_alive() and not done
+        finally:
+            hold.rollback()
+            hold.close()
+        writer.join(30)
+        assert done == [("0",)]
+        assert value(n, "lk", 3) == "waited-" + n.name
+        cs.sync(lab)            # the write has reached the other node before that node's turn
+    assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
 
 
 # --------------------------------------------------------------------------- bad input
