@@ -97,7 +97,7 @@ def one_round(lab, seed, args, offsets):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--keys", type=int, default=3, help="hot keys (default 3)")
     ap.add_argument("--writers", type=int, default=3, help="writer threads per node (default 3)")
@@ -111,7 +111,7 @@ def main(argv=None):
     if args.rounds < 1 or args.keys < 1 or args.writers < 1 or args.seconds <= 0 or args.load < 0:
         ap.error("--rounds, --keys and --writers must be at least 1, --seconds positive, --load not negative")
     majors = tuple(int(m) for m in args.majors.split(","))
-    hogs = [multiprocessing.Process(target=burn, daemon=True) for _ in range(args.load)]
+    hogs = [multiprocessing.Process(target=burn, daemon=True, name="load-%d" % i) for i in range(args.load)]
     for h in hogs:
         h.start()
     lab = make_lab(Path(args.root) / ("stress" + uuid.uuid4().hex[:8]), 3, majors)
