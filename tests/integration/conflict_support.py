@@ -154,13 +154,15 @@ def server_errors(lab, limit=12):
 def image_mismatch_query(table, key="id"):
     """SQL (one parameter: the table name) listing the keys of ``table`` whose row is not the image of its
     version: a row without a version, a live version without its row, a tombstone with a row, or a row that
-    differs from the image. One statement, so one snapshot: no row on any committed state of a consistent node."""
-    return ("SELECT coalesce(v.pk, pg_catalog.jsonb_build_array(h.{k})::text), v.deleted, v.img::text, "
-            "pg_catalog.to_jsonb(h.*)::text "
+    differs from the image. ``key``: the primary-key column, or its columns in key order. One statement, so
+    one snapshot: no row on any committed state of a consistent node."""
+    cols = (key,) if isinstance(key, str) else tuple(key)
+    built = "pg_catalog.jsonb_build_array(%s)::text" % ", ".join("h." + c for c in cols)
+    return ("SELECT coalesce(v.pk, {b}), v.deleted, v.img::text, pg_catalog.to_jsonb(h.*)::text "
             "FROM (SELECT * FROM steep_repl.row_version WHERE tbl = %s) v "
-            "FULL JOIN {t} h ON pg_catalog.jsonb_build_array(h.{k})::text = v.pk "
+            "FULL JOIN {t} h ON {b} = v.pk "
             "WHERE v.pk IS NULL OR v.deleted <> (h.{k} IS NULL) "
-            "OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(h.*))").format(k=key, t=table)
+            "OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(h.*))").format(b=built, k=cols[0], t=table)
 
 
 def image_mismatches(node, table, key="id"):

@@ -32,12 +32,8 @@ def converged(lab, table):
     rows = mesh.wait_converged(lab, "SELECT * FROM %s ORDER BY 1, 2" % table, timeout=60)
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, epoch, gen FROM steep_repl.row_version "
                              "WHERE tbl = %s ORDER BY pk", timeout=30, params=(table,))
-    for n in lab.nodes:     # every live row is its version's image, every tombstone has no row
-        bad = n.sql("SELECT v.pk FROM steep_repl.row_version v LEFT JOIN %s t "
-                    "ON pg_catalog.jsonb_build_array(%s)::text = v.pk WHERE v.tbl = %%s "
-                    "AND (v.deleted <> (t.* IS NULL) OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(t.*)))"
-                    % (table, "t.id" if table == "public.f" else "t.a, t.b"), (table,))
-        assert bad == [], (n.name, bad)
+    for n in lab.nodes:     # every live row is its version's image, every tombstone has no row, no row lacks one
+        assert cs.image_mismatches(n, table, "id" if table == "public.f" else ("a", "b")) == [], n.name
     assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
     return rows
 
