@@ -4,8 +4,8 @@ the same workloads, and conflict-resolution throughput, side by side in ONE run 
 
 Workloads, each written by node1 three times: to a steep table (``public.st``: versions + conflict
 triggers, replicated by the steep mesh), to a native table (``public.nat``: plain publication /
-subscription ``bench_nat``, no steep objects) and to the floor table (``public.fl``: a steep table
-whose changes node2 applies with its apply triggers disabled -- the cost of the version rows alone):
+subscription ``bench_nat``, no steep objects) and to two native tables at once (``public.np`` and
+``public.np2``, the pair: every change twice -- what a second row change per change costs at best):
 
 * ``bulk insert``  -- N rows in B big transactions
 * ``bulk update``  -- every row updated, B big transactions
@@ -137,7 +137,8 @@ def caught_up(sub, subname, lsn):
     core of this 2-core machine away from the apply worker while it is timed)."""
     query = ("SELECT s.remote_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_origin_status s "
              "JOIN pg_catalog.pg_subscription u ON s.external_id = 'pg_' || u.oid WHERE u.subname = %s")
-    return lambda: bool(sub.q(query, (lsn, subname))[0][0])
+    # no row until the apply worker has set its origin up
+    return lambda: any(r[0] for r in sub.q(query, (lsn, subname)))
 
 
 def same_rows(pub, sub, table):
@@ -198,26 +199,20 @@ def pgbench_style(table, rows, txs, seed):
 
 
 TABLE_HEAD = ("| workload | rows changed | transactions | native rows/s | steep rows/s | steep / native | goal met "
-              "| floor / native | pair / native | apply-worker CPU µs/row native / steep / floor / pair "
-              "| walsender CPU µs/row native / steep |\n|---|---|---|---|---|---|---|---|---|---|---|")
-TRIGGERS_OFF = ("ALTER TABLE steep_repl.row_version DISABLE TRIGGER steep_repl_apply",
-                "ALTER TABLE public.fl DISABLE TRIGGER steep_repl_apply")
-TRIGGERS_ON = ("ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER steep_repl_apply",
-               "ALTER TABLE public.fl ENABLE REPLICA TRIGGER steep_repl_apply")
+              "| pair / native | apply-worker CPU µs/row native / steep / pair "
+              "| walsender CPU µs/row native / steep |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def measure(n1, p1, p2, name, workload, changes, results):
     """Time one workload on three sides, each written by node1 while node2's subscriptions are off:
-    native (public.nat), steep (public.st) and the carrier floor (public.fl: a steep table whose
-    changes and version rows node2 applies with its apply triggers disabled -- what any design that
-    ships one version row with every change costs before it decides anything; no conflicts here, so
-    the rows end the same). Autovacuum is off for the bench tables; both nodes are vacuumed before
-    each workload instead."""
+    native (public.nat), steep (public.st) and the pair (public.np and public.np2, native: every change
+    twice -- the cheapest carrier of a second row next to each change). Autovacuum is off for the bench
+    tables; both nodes are vacuumed before each workload instead."""
     for p in (p1, p2):
-        p.q("VACUUM ANALYZE public.st, public.fl, public.nat, public.np, public.np2, steep_repl.row_version")
+        p.q("VACUUM ANALYZE public.st, public.nat, public.np, public.np2, steep_repl.row_version")
     out = {}
     for side, table, sub, skip in (("native", "nat", NAT_SUB, STEEP_SLOT), ("steep", "st", STEEP_SUB, NAT_SLOT),
-                                   ("floor", "fl", STEEP_SUB, NAT_SLOT), ("pair", "np2", NAT_SUB, STEEP_SLOT)):
+                                   ("pair", "np2", NAT_SUB, STEEP_SLOT)):
         settle(p1, (STEEP_SLOT, NAT_SLOT))
         if side == "pair":      # every change twice, to two native tables: the cheapest possible carrier
             txs = [a + b for a, b in zip(workload("np"), workload("np2"))]
@@ -225,27 +220,19 @@ def measure(n1, p1, p2, name, workload, changes, results):
             txs = workload(table)
         lsn = run_sql(n1, txs)
         settle(p1, (skip,))
-        if side == "floor":
-            for q in TRIGGERS_OFF:
-                p2.q(q)
-        try:
-            out[side] = timed_apply(p1, p2, sub, caught_up(p2, sub, lsn), table)
-            same_rows(p1, p2, table)
-        finally:
-            if side == "floor":
-                for q in TRIGGERS_ON:
-                    p2.q(q)
+        out[side] = timed_apply(p1, p2, sub, caught_up(p2, sub, lsn), table)
+        same_rows(p1, p2, table)
 
     def per(cpu):
         return "-" if cpu is None else "%.0f" % (cpu * 1e6 / changes)
     (t_nat, c_nat, w_nat), (t_st, c_st, w_st) = out["native"], out["steep"]
-    (t_fl, c_fl), (t_pr, c_pr) = out["floor"][:2], out["pair"][:2]
-    results.append((name, changes, len(txs), changes / t_nat, changes / t_st, changes / t_fl, changes / t_pr,
-                    per(c_nat), per(c_st), per(c_fl), per(c_pr), per(w_nat), per(w_st)))
-    print("%-14s %7d rows %5d txs: native %8.0f rows/s, steep %8.0f (%.2fx), floor %8.0f (%.2fx), pair %8.0f (%.2fx); "
-          "apply CPU us/row %s / %s / %s / %s; walsender CPU us/row %s / %s"
-          % (name, changes, len(txs), changes / t_nat, changes / t_st, t_nat / t_st, changes / t_fl, t_nat / t_fl,
-             changes / t_pr, t_nat / t_pr, per(c_nat), per(c_st), per(c_fl), per(c_pr), per(w_nat), per(w_st)), flush=True)
+    t_pr, c_pr = out["pair"][:2]
+    results.append((name, changes, len(txs), changes / t_nat, changes / t_st, changes / t_pr,
+                    per(c_nat), per(c_st), per(c_pr), per(w_nat), per(w_st)))
+    print("%-14s %7d rows %5d txs: native %8.0f rows/s, steep %8.0f (%.2fx), pair %8.0f (%.2fx); "
+          "apply CPU us/row %s / %s / %s; walsender CPU us/row %s / %s"
+          % (name, changes, len(txs), changes / t_nat, changes / t_st, t_nat / t_st,
+             changes / t_pr, t_nat / t_pr, per(c_nat), per(c_st), per(c_pr), per(w_nat), per(w_st)), flush=True)
 
 
 def workload_arguments():
@@ -270,16 +257,15 @@ def main():
     lab = make_lab(lab_dir("bc"), 2, (18,))
     try:
         setup = ["CREATE TABLE public.st (id int PRIMARY KEY, v int NOT NULL, pad text)",
-                 "CREATE TABLE public.fl (id int PRIMARY KEY, v int NOT NULL, pad text)",
                  "CREATE TABLE public.np (id int PRIMARY KEY, v int NOT NULL, pad text)",
                  "CREATE TABLE public.np2 (id int PRIMARY KEY, v int NOT NULL, pad text)",
                  "CREATE TABLE public.cf (id int PRIMARY KEY, v int NOT NULL, pad text)",
                  "CREATE TABLE public.nat (id int PRIMARY KEY, v int NOT NULL, pad text)"]
-        mesh.build_mesh(lab, setup, {"steep_replicated_tables": ["public.st", "public.fl", "public.cf"]})
+        mesh.build_mesh(lab, setup, {"steep_replicated_tables": ["public.st", "public.cf"]})
         n1, n2 = lab.nodes
         p1, p2 = Conn(n1), Conn(n2)
         for p in (p1, p2):
-            for t in ("public.st", "public.fl", "public.nat", "public.np", "public.np2", "steep_repl.row_version"):
+            for t in ("public.st", "public.nat", "public.np", "public.np2", "steep_repl.row_version"):
                 p.q("ALTER TABLE %s SET (autovacuum_enabled = off)" % t)
         # native one-way pair for the baseline
         p1.q("CREATE PUBLICATION bench_nat FOR TABLE public.nat, public.np, public.np2")
@@ -322,7 +308,7 @@ def main():
         set_enabled(p2, STEEP_SUB, True)
         set_enabled(p1, "steep_from_node2", True)
         mesh.wait_converged(lab, "SELECT count(*), sum(v) FROM public.cf", timeout=300)
-        for t in ("st", "fl", "nat", "np", "np2"):
+        for t in ("st", "nat", "np", "np2"):
             same_rows(p1, p2, t)
         errors = sum(n.sql("SELECT coalesce(sum(apply_error_count), 0) FROM pg_catalog.pg_stat_subscription_stats")[0][0]
                      for n in lab.nodes)
@@ -331,21 +317,21 @@ def main():
         conf_wus = "-" if conf_wcpu is None else "%.0f" % (conf_wcpu * 1e6 / c)
         print("conflicts      %7d keys: %.0f conflicts/s; apply CPU us/conflict %s; walsender CPU us/conflict %s"
               % (c, conf_rate, conf_us, conf_wus), flush=True)
-        lines = ["| %s | %d | %d | %.0f | %.0f | **%.2fx** | %s | %.2fx | %.2fx | %s / %s / %s / %s | %s / %s |"
-                 % (name, ch, tx, nat, st, st / nat, "yes" if st / nat >= 0.8 else "no", fl / nat, pr / nat,
-                    cn, cs, cf, cp, wn, ws)
-                 for name, ch, tx, nat, st, fl, pr, cn, cs, cf, cp, wn, ws in results]
+        lines = ["| %s | %d | %d | %.0f | %.0f | **%.2fx** | %s | %.2fx | %s / %s / %s | %s / %s |"
+                 % (name, ch, tx, nat, st, st / nat, "yes" if st / nat >= 0.8 else "no", pr / nat,
+                    cn, cs, cp, wn, ws)
+                 for name, ch, tx, nat, st, pr, cn, cs, cp, wn, ws in results]
         text = """## Conflicts
 
 `python bench/conflicts.py --rows %d --batches %d --txs %d --conflicts %d` (%s, %d CPUs, Python %s,
 PostgreSQL 18, 2-node lab). Apply throughput of node2 catching up on the same workload written by node1
-four times: to a native table (plain publication/subscription, no steep objects); to a steep table
-(versions + conflict triggers, steep mesh); to a second steep table that node2 applies with its apply
-triggers disabled, the **floor**: what shipping and applying one version row with every change costs
-before any decision is made (no conflicts here, so the rows end the same); and to two native tables at
-once, every change written to both, the **pair**: what a second row change per user change costs when
-that row is as cheap as the user row itself, the best any carrier of a version next to each change could
-do in the apply worker. Each side is written while the subscriptions are disabled; every slot is then
+three times: to a native table (plain publication/subscription, no steep objects); to a steep table
+(versions + conflict triggers, steep mesh); and to two native tables at once, every change written to
+both, the **pair**: what a second row change per user change costs when that row is as cheap as the
+user row itself, the best any carrier of a version next to each change could do in the apply worker.
+(Earlier runs had a fourth side, steep with node2's apply triggers disabled; since versions travel as
+INSERTs only, a version cannot be applied without its trigger, which replaces the receiver's version,
+so that side is gone.) Each side is written while the subscriptions are disabled; every slot is then
 moved past the WAL it must not apply, restart_lsn included (a walsender decodes from restart_lsn: a slot
 left behind would decode the other side's workload again while it is timed, which made earlier runs of
 this benchmark flatter steep); the apply is timed from the start of the apply worker until node2's
@@ -361,11 +347,10 @@ node1's changes, every one a conflict decided by last_write_wins in the apply wo
 tuples: **%.0f conflicts/s** (goal >= 5,000; apply-worker CPU %s µs per conflict, walsender %s µs).
 apply_error_count after the run: %d.
 
-The wall clock follows the apply worker's CPU: it is the bottleneck on both sides. The floor and pair
-columns are why the 0.8x goal is out of reach for this design and for any design that carries a version
-row next to each change: a second row change, even one as cheap as the user row (pair), takes the bulk
-workloads to about half of native before a single trigger runs, and steep's version row (the floor) costs
-more than that. What each path costs and what it would take:
+The wall clock follows the apply worker's CPU: it is the bottleneck on both sides. The pair column is
+why the 0.8x goal is out of reach for this design and for any design that carries a version row next to
+each change: a second row change, even one as cheap as the user row, takes the bulk workloads to about
+half of native before a single trigger runs. What each path costs and what it would take:
 [conflicts.md, Performance](conflicts.md#performance-issue-3); what a trigger costs at all, in PL/pgSQL and
 in C, without any extra row: [Trigger ceiling](#trigger-ceiling).
 """ % (args.rows, args.batches, args.txs, c, datetime.date.today().isoformat(), os.cpu_count(),

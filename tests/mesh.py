@@ -102,10 +102,11 @@ def build_mesh(lab, setup_sql, group_vars=None, run=True, host_vars=None, nodes=
 
 
 def mesh_state(node):
-    """{'publication': [tables], 'subscriptions': {name: enabled}, 'slots': [names]}."""
+    """{'publication': [tables of steep_pub and steep_pub_versions], 'subscriptions': {name: enabled},
+    'slots': [names]}."""
     pub = [r[0] for r in node.sql(
-        "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables "
-        "WHERE pubname = %s ORDER BY 1", (PUBLICATION,))]
+        "SELECT DISTINCT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables "
+        "WHERE pubname IN (%s, %s) ORDER BY 1", (PUBLICATION, PUBLICATION + "_versions"))]
     subs = {r[0]: r[1] for r in node.sql(
         "SELECT subname, subenabled FROM pg_catalog.pg_subscription s "
         "JOIN pg_catalog.pg_database d ON d.oid = s.subdbid AND d.datname = current_database() "

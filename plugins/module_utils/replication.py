@@ -8,7 +8,11 @@ Shared by the ``steep.repl.replication`` / ``steep.repl.clock_check`` modules an
 
 Naming (one slot per ordered pair, deterministic, <= 63 characters for 40-character node ids):
 
-* publication ``steep_pub`` on every node (the replicated tables + ``steep_repl.row_version``);
+* publication ``steep_pub`` on every node (the replicated tables), and ``steep_pub_versions``
+  (``<publication>_versions``) with ``steep_repl.row_version`` only and ``publish = 'insert'``: an
+  origin replaces a version by DELETE + INSERT and receivers need (and decide on) the INSERT alone, so
+  the DELETE half is not decoded, sent or looked up at all (docs/conflicts.md, Performance). Every
+  subscription subscribes to both;
 * on subscriber X, the subscription receiving from publisher Y is ``steep_from_<Y>``;
 * on publisher Y, the logical slot feeding subscriber X is ``steep_to_<X>``.
 
@@ -37,6 +41,8 @@ except ImportError:  # pragma: no cover - reported by db.connect
     psycopg2 = None
 
 PUBLICATION = "steep_pub"
+VERSIONS_SUFFIX = "_versions"
+MAX_IDENT = 63
 SUB_PREFIX = "steep_from_"
 SLOT_PREFIX = "steep_to_"
 ROW_VERSION = "steep_repl.row_version"
@@ -44,6 +50,24 @@ CAPTURE_TRIGGER = "steep_repl_capture"
 LOCK_KEY = "steep_repl.mesh"
 REDACTED = "********"
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "steep_repl", "pg_toast")
+
+
+def versions_publication(publication):
+    """Name of the publication carrying the version rows next to ``publication``."""
+    return publication + VERSIONS_SUFFIX
+
+
+def check_publication_name(publication):
+    """Refuses a publication name that leaves no room for its versions publication."""
+    longest = MAX_IDENT - len(VERSIONS_SUFFIX)
+    if not isinstance(publication, str) or not publication.strip():
+        raise SteepError("publication name is empty. Fix: leave 'publication' at its default (steep_pub) or "
+                         "give a name.")
+    if len(publication.encode("utf-8")) > longest:
+        raise SteepError("publication name %r is longer than %d bytes: steep.repl also creates %r next to it and "
+                         "PostgreSQL names are at most %d bytes. Nothing was changed. Fix: choose a shorter name."
+                         % (publication, longest, versions_publication(publication), MAX_IDENT))
+    return publication
 
 
 def subscription_name(publisher_id):
@@ -382,13 +406,19 @@ def observe(conn, publication=PUBLICATION, node_id=None):
         conn, "SELECT pg_catalog.to_regprocedure('steep_repl.enable_table(regclass)') IS NOT NULL")
     state["has_disable"] = bool(state["extension"]) and fetch_value(
         conn, "SELECT pg_catalog.to_regprocedure('steep_repl.disable_table(regclass)') IS NOT NULL")
-    pub = fetch_all(conn, "SELECT oid, puballtables FROM pg_catalog.pg_publication WHERE pubname = %s",
-                    (publication,))
-    state["publication"] = bool(pub)
-    state["pub_all_tables"] = bool(pub and pub[0]["puballtables"])
-    state["pub_tables"] = sorted(r["t"] for r in fetch_all(
-        conn, "SELECT schemaname || '.' || tablename AS t FROM pg_catalog.pg_publication_tables "
-              "WHERE pubname = %s", (publication,))) if pub else []
+    # the engine that replaces versions by DELETE + INSERT (so INSERTs alone carry them) has _version_wait
+    state["insert_versions"] = bool(state["extension"]) and fetch_value(
+        conn, "SELECT pg_catalog.to_regprocedure('steep_repl._version_wait(text, text, text)') IS NOT NULL")
+    for key, name in (("pub", publication), ("ver_pub", versions_publication(publication))):
+        pub = fetch_all(conn, "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate "
+                              "FROM pg_catalog.pg_publication WHERE pubname = %s", (name,))
+        state[key.replace("pub", "publication")] = bool(pub)
+        state[key + "_all_tables"] = bool(pub and pub[0]["puballtables"])
+        state[key + "_publish"] = sorted(a for a in ("insert", "update", "delete", "truncate")
+                                         if pub and pub[0]["pub" + a])
+        state[key + "_tables"] = sorted(r["t"] for r in fetch_all(
+            conn, "SELECT schemaname || '.' || tablename AS t FROM pg_catalog.pg_publication_tables "
+                  "WHERE pubname = %s", (name,))) if pub else []
     state["enabled_tables"] = sorted(r["t"] for r in fetch_all(conn, """
         SELECT DISTINCT n.nspname || '.' || c.relname AS t
         FROM pg_catalog.pg_trigger g
@@ -421,8 +451,10 @@ def observe(conn, publication=PUBLICATION, node_id=None):
 
 
 def summary(state):
-    """The part of a node's state shown in --diff."""
-    return {"publication": list(state["pub_tables"]) if state["publication"] else None,
+    """The part of a node's state shown in --diff (``publication``: the tables of both publications)."""
+    published = state["publication"] or state.get("ver_publication")
+    return {"publication": sorted(set(state["pub_tables"]) | set(state.get("ver_pub_tables", ())))
+            if published else None,
             "subscriptions": sorted(state["subscriptions"]),
             "slots": sorted(state["slots"]),
             "enabled_tables": list(state["enabled_tables"])}
@@ -466,10 +498,16 @@ def plan(members, states, desired, publication=PUBLICATION):
     """Ordered actions that bring every member to the desired mesh.
 
     Pure (no I/O): ``states`` = {node_id: observe()}, ``desired`` = sorted table list.
-    Phases: 1 enable_table, 2 publication, 3 drop stale subscriptions, 4 drop stale slots,
-    5 create slots, 6 create/alter subscriptions, 7 refresh, 8 disable_table.
+    Phases: 1 enable_table, 2 publications, 3 drop stale subscriptions, 4 drop stale slots,
+    5 create slots, 6 create/alter subscriptions, 7 refresh, 8 row_version leaves the main
+    publication (after every subscription reads the versions publication, see Mesh.run),
+    9 disable_table.
+    Versions travel in ``<publication>_versions`` (INSERTs only) when every node's engine writes them
+    as INSERTs (``insert_versions``); with an older engine anywhere they stay in the main publication
+    (every operation), and the versions publication is kept empty.
     Returns (actions, warnings, info) where info has 'removed_nodes' and 'leaving_tables'.
     """
+    vpub = versions_publication(publication)
     ids = [m.node_id for m in members]
     actions, warnings = [], []
     newcomers = uninitialised_newcomers(members, states)
@@ -494,6 +532,15 @@ def plan(members, states, desired, publication=PUBLICATION):
         warnings.append("%s does not exist yet (conflict engine not installed): the publication "
                         "carries the user tables only." % ROW_VERSION)
     pub_wanted = sorted(set(desired) | set(row_version))
+    insert_only = bool(row_version) and all(states[i].get("insert_versions") for i in active)
+    if row_version and not insert_only:
+        warnings.append("%s: the conflict engine on %s replaces versions in place (an earlier build): versions "
+                        "stay in publication %s with every operation. Fix: update the extension on those nodes "
+                        "(foundation play), then re-run to move them to %s (INSERTs only)."
+                        % (ROW_VERSION, ", ".join(i for i in active if not states[i].get("insert_versions")),
+                           publication, vpub))
+    main_wanted = sorted(set(desired) | (set() if insert_only else set(row_version)))
+    ver_wanted = list(row_version) if insert_only else []
 
     # 1. conflict triggers on every table BEFORE anything is applied
     for m in members:
@@ -507,30 +554,42 @@ def plan(members, states, desired, publication=PUBLICATION):
         for t in todo:
             actions.append(Action(m.node_id, 1, "SELECT steep_repl.enable_table(%s::regclass)",
                                   (quote_qualified(t),)))
-    # 2. publication
+    # 2. publications: the main one with the tables, the versions one with row_version, INSERTs only.
+    # row_version leaves the main publication in phase 8 (not here), after the subscriptions read both.
+    moving = []
     for m in members:
         st = states[m.node_id]
-        if st["pub_all_tables"]:
-            raise SteepError("publication %s on %s is FOR ALL TABLES; steep.repl manages its table "
-                             "list. Fix: DROP PUBLICATION %s; on that node and re-run."
-                             % (publication, m.node_id, publication))
-        if not st["publication"]:
-            if pub_wanted:
-                q = "CREATE PUBLICATION %s FOR TABLE %s" % (
-                    quote_ident(publication), ", ".join(quote_qualified(t) for t in pub_wanted))
-            else:
-                q = "CREATE PUBLICATION %s" % quote_ident(publication)
-            actions.append(Action(m.node_id, 2, q))
-            continue
-        add = [t for t in pub_wanted if t not in st["pub_tables"]]
-        drop = [t for t in st["pub_tables"] if t not in pub_wanted]
-        leaving.update(t for t in drop if t != ROW_VERSION)
-        if add:
-            actions.append(Action(m.node_id, 2, "ALTER PUBLICATION %s ADD TABLE %s" % (
-                quote_ident(publication), ", ".join(quote_qualified(t) for t in add))))
-        if drop:
-            actions.append(Action(m.node_id, 2, "ALTER PUBLICATION %s DROP TABLE %s" % (
-                quote_ident(publication), ", ".join(quote_qualified(t) for t in drop))))
+        for name, flag in ((publication, "pub"), (vpub, "ver_pub")):
+            if st.get(flag + "_all_tables"):
+                raise SteepError("publication %s on %s is FOR ALL TABLES; steep.repl manages its table "
+                                 "list. Nothing was changed. Fix: DROP PUBLICATION %s; on that node and re-run."
+                                 % (name, m.node_id, name))
+        for name, flag, wanted, exists, have, publish in (
+                (publication, "pub", main_wanted, st["publication"], st["pub_tables"], None),
+                (vpub, "ver_pub", ver_wanted, st.get("ver_publication"), st.get("ver_pub_tables", []), "insert")):
+            qp = quote_ident(name)
+            with_ = " WITH (publish = '%s')" % publish if publish else ""
+            if not exists:
+                if wanted:
+                    q = "CREATE PUBLICATION %s FOR TABLE %s%s" % (qp, ", ".join(quote_qualified(t) for t in wanted), with_)
+                else:
+                    q = "CREATE PUBLICATION %s%s" % (qp, with_)
+                actions.append(Action(m.node_id, 2, q))
+                continue
+            if publish and st.get(flag + "_publish") != [publish]:
+                actions.append(Action(m.node_id, 2, "ALTER PUBLICATION %s SET (publish = '%s')" % (qp, publish)))
+            add = [t for t in wanted if t not in have]
+            drop = [t for t in have if t not in wanted]
+            if flag == "pub" and ROW_VERSION in drop:
+                drop.remove(ROW_VERSION)
+                moving.append(m.node_id)
+            leaving.update(t for t in drop if t != ROW_VERSION and t not in desired)
+            if add:
+                actions.append(Action(m.node_id, 2, "ALTER PUBLICATION %s ADD TABLE %s" % (
+                    qp, ", ".join(quote_qualified(t) for t in add))))
+            if drop:
+                actions.append(Action(m.node_id, 2, "ALTER PUBLICATION %s DROP TABLE %s" % (
+                    qp, ", ".join(quote_qualified(t) for t in drop))))
     # 3. stale subscriptions (publisher left the mesh): keep the remote slot alone
     for m in members:
         for name in sorted(states[m.node_id]["subscriptions"]):
@@ -573,6 +632,7 @@ def plan(members, states, desired, publication=PUBLICATION):
             actions.append(Action(pub.node_id, 5, "SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')",
                                   (name,), kind="create_slot", note=name))
     # 6. subscriptions, then 7. refresh
+    sub_pubs = ", ".join(quote_ident(p) for p in sorted((publication, vpub)))
     for sub in members:
         st = states[sub.node_id]
         for pub in members:
@@ -585,7 +645,7 @@ def plan(members, states, desired, publication=PUBLICATION):
             if have is None:
                 q = ("CREATE SUBSCRIPTION %s CONNECTION %%s PUBLICATION %s WITH (create_slot = false, "
                      "slot_name = %s, copy_data = false, origin = none, enabled = true)"
-                     % (qn, quote_ident(publication), quote_ident(slot_name(sub.node_id))))
+                     % (qn, sub_pubs, quote_ident(slot_name(sub.node_id))))
                 actions.append(Action(sub.node_id, 6, q, (render_conninfo(params),),
                                       (render_conninfo(params, hide_password=True),), kind="create_sub", note=name))
                 continue
@@ -598,15 +658,20 @@ def plan(members, states, desired, publication=PUBLICATION):
                                      name, sub.node_id, have["slot"], slot_name(sub.node_id), name, sub.node_id))
             if (have["origin"] or "any") != "none":
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s SET (origin = none)" % qn))
-            if have["publications"] != [publication]:
+            if sorted(have["publications"]) != sorted((publication, vpub)):
+                # the apply worker restarts to read the new list; Mesh.run waits for that before phase 8
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s SET PUBLICATION %s WITH "
-                                      "(refresh = false)" % (qn, quote_ident(publication))))
+                                      "(refresh = false)" % (qn, sub_pubs), kind="set_publication", note=name))
             if not have["enabled"]:
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s ENABLE" % qn))
             if sorted(have["tables"]) != pub_wanted:
                 actions.append(Action(sub.node_id, 7, "ALTER SUBSCRIPTION %s REFRESH PUBLICATION WITH "
                                       "(copy_data = false)" % qn))
-    # 8. conflict triggers off for tables that left the set (after no one applies them)
+    # 8. row_version leaves the main publication: every subscription reads the versions one by now
+    for node_id in moving:
+        actions.append(Action(node_id, 8, "ALTER PUBLICATION %s DROP TABLE %s" % (
+            quote_ident(publication), quote_qualified(ROW_VERSION))))
+    # 9. conflict triggers off for tables that left the set (after no one applies them)
     for m in members:
         st = states[m.node_id]
         todo = sorted(t for t in leaving if t in st["enabled_tables"])
@@ -615,7 +680,7 @@ def plan(members, states, desired, publication=PUBLICATION):
                             "stay on %s." % (m.node_id, ", ".join(todo)))
             continue
         for t in todo:
-            actions.append(Action(m.node_id, 8, "SELECT steep_repl.disable_table(%s::regclass)",
+            actions.append(Action(m.node_id, 9, "SELECT steep_repl.disable_table(%s::regclass)",
                                   (quote_qualified(t),)))
     actions.sort(key=lambda a: a.phase)  # stable: keeps node order inside a phase
     removed.discard(None)
@@ -723,13 +788,19 @@ class Mesh:
     def run(self, actions):
         """Execute in order. A failure while wiring (slots, new subscriptions) undoes the slots and
         subscriptions this run created, so no half-wired mesh and no orphan slot retaining WAL stays."""
-        created = []
+        created, restarting = [], []
         for action in actions:
+            if action.phase >= 8 and restarting and not self.check_mode:
+                self._wait_restarted(restarting)
+                restarting = []
             self.queries.append(self.display(action))
             if self.check_mode:
                 continue
             conn = self.by_id[action.node].conn
             try:
+                if action.kind == "set_publication":
+                    self._wait_slot_passed(action.node, action.note)
+                    restarting.append((action.node, action.note, self._worker_pid(conn, action.note)))
                 if action.kind == "drop_slot":
                     self._drop_slot(conn, action.args[0])
                 else:
@@ -749,6 +820,53 @@ class Mesh:
                 undone = self._undo(created) if action.phase in (5, 6) else ""
                 raise SteepError("%s failed on %s: %s. %sFix: %s." % (
                     redact(self.display(action), self.secrets), action.node, msg, undone, hint))
+
+    @staticmethod
+    def _worker_pid(conn, subname):
+        """pid of a subscription's leader apply worker (None when it does not run)."""
+        rows = fetch_all(conn, "SELECT pid FROM pg_catalog.pg_stat_subscription WHERE subname = %s "
+                               "AND relid IS NULL AND leader_pid IS NULL AND pid IS NOT NULL", (subname,))
+        return rows[0]["pid"] if rows else None
+
+    def _wait_slot_passed(self, node, subname, timeout=60):
+        """Before a subscription reads a publication list that names a publication created after its slot
+        last confirmed (the versions publication, in phase 2): wait until the slot has confirmed the WAL
+        written so far. A walsender decodes each transaction with the catalog of its time, and PostgreSQL 17
+        fails on a publication that did not exist then ("publication ... does not exist", on every restart,
+        until someone moves the slot); PostgreSQL 18 skips it with a warning."""
+        publisher = self.by_id.get(peer_of(subname, SUB_PREFIX))
+        if publisher is None or publisher.conn is None:
+            return
+        slot = slot_name(node)
+        target = fetch_value(publisher.conn, "SELECT pg_catalog.pg_current_wal_lsn()::text")
+        deadline = time.time() + timeout
+        query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots "
+                 "WHERE slot_name = %s")
+        while not fetch_value(publisher.conn, query, (target, slot)):
+            if time.time() > deadline:
+                raise SteepError("slot %s on %s has not confirmed WAL up to %s within %ss, so subscription %s on %s "
+                                 "still reads its old publication list (nothing is lost: %s stays in the main "
+                                 "publication). Fix: check that this subscription is enabled and streaming "
+                                 "(pg_stat_subscription on %s, pg_replication_slots and the server log on %s) "
+                                 "and re-run." % (slot, publisher.node_id, target, timeout, subname, node,
+                                                  ROW_VERSION, node, publisher.node_id))
+            time.sleep(0.1)
+
+    def _wait_restarted(self, restarting, timeout=60):
+        """Wait until every apply worker that ran when its subscription's publication list changed has
+        exited: its successor decodes from the slot's confirmed position with the new list, so no change
+        of a version is skipped by a walsender still reading the old list (row_version leaves the main
+        publication next)."""
+        deadline = time.time() + timeout
+        for node, subname, pid in restarting:
+            conn = self.by_id[node].conn
+            while pid is not None and self._worker_pid(conn, subname) == pid:
+                if time.time() > deadline:
+                    raise SteepError("the apply worker of subscription %s on %s (pid %s) did not restart within "
+                                     "%ss after its publication list changed; %s stays in the main publication as well "
+                                     "(nothing is lost). Fix: check that subscription (pg_stat_subscription, the "
+                                     "server log) and re-run." % (subname, node, pid, timeout, ROW_VERSION))
+                time.sleep(0.1)
 
     def _undo(self, created):
         """Drop what this run created while wiring; returns a sentence for the error message."""
@@ -797,6 +915,12 @@ class Mesh:
                 time.sleep(0.2)
 
 
+def _published(state):
+    """What a run can change besides summary(): publication options and subscriptions."""
+    return [state["subscriptions"], state["pub_tables"], state.get("ver_publication"), state.get("ver_pub_tables"),
+            state.get("ver_pub_publish")]
+
+
 def candidate_schemas(tables, schemas):
     out = {"steep_repl"}
     for t in tables or []:
@@ -810,6 +934,7 @@ def candidate_schemas(tables, schemas):
 def ensure_mesh(specs, tables=None, schemas=None, excluded=None, publication=PUBLICATION,
                 check_mode=False, lock_timeout=300):
     """Bring the whole mesh to the desired state. Returns a result dict (no secrets)."""
+    check_publication_name(publication)
     members = build_members(specs)
     with Mesh(members, check_mode=check_mode, lock_timeout=lock_timeout) as mesh:
         states = mesh.observe(publication)
@@ -830,7 +955,7 @@ def ensure_mesh(specs, tables=None, schemas=None, excluded=None, publication=PUB
             after_states = mesh.observe(publication)
             after = {i: summary(s) for i, s in after_states.items()}
             changed = after != before or any(
-                after_states[i]["subscriptions"] != states[i]["subscriptions"] for i in after_states)
+                _published(after_states[i]) != _published(states[i]) for i in after_states)
         return {"changed": changed, "queries": mesh.queries, "warnings": warnings,
                 "tables": desired, "nodes": [m.node_id for m in members],
                 "removed_nodes": info["removed_nodes"], "skipped_nodes": info["skipped_nodes"], "diff": {"before": before, "after": after}}

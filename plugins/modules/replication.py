@@ -12,8 +12,16 @@ module: replication
 short_description: Set up full-mesh bidirectional logical replication between steep.repl nodes
 description:
   - Runs B(once for the whole mesh) (C(run_once=true), delegated to the controller) and connects to every node over TCP.
-  - On every node, creates or updates the publication (default C(steep_pub)) with the replicated tables and
-    C(steep_repl.row_version).
+  - On every node, creates or updates the publication (default C(steep_pub)) with the replicated tables, and the
+    publication C(<publication>_versions) (C(steep_pub_versions)) with C(steep_repl.row_version) and
+    C(publish = 'insert'): origins replace a row's version by DELETE + INSERT and receivers decide on the INSERT alone,
+    so the DELETE half is not sent. Every subscription subscribes to both publications.
+  - A mesh set up by an earlier build (C(steep_repl.row_version) in the main publication) is moved in one run: the
+    versions publication is created, every subscription is switched to both publications, the run waits until every
+    apply worker restarted with the new list, and only then does C(steep_repl.row_version) leave the main publication,
+    so no subscriber ever reads a change without its version. While some node's conflict engine still replaces versions
+    in place (an earlier build, without C(steep_repl._version_wait)), the versions stay in the main publication with
+    every operation, with a warning.
   - For every ordered pair of nodes creates the logical slot C(steep_to_<subscriber>) on the publisher and the subscription
     C(steep_from_<publisher>) on the subscriber, with C(origin = none), C(copy_data = false) and C(create_slot = false).
   - Every slot is created before any subscription, each in its own autocommit statement, so creating the two subscriptions
@@ -52,7 +60,9 @@ options:
     elements: str
     default: []
   publication:
-    description: Name of the publication on every node.
+    description:
+      - Name of the publication on every node; the versions publication is named after it (C(<publication>_versions)),
+        so it is at most 54 bytes long.
     type: str
     default: steep_pub
   lock_timeout:

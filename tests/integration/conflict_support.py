@@ -117,8 +117,8 @@ def divergence_report(lab, table, limit=8):
 
 
 def apply_error_blocks(text):
-    """The apply workers' ERROR lines in server-log text, each with the lines that explain it (DETAIL,
-    CONTEXT, ...); clients' errors (e.g. a local deadlock victim) are left out."""
+    """The apply workers' ERROR lines in server-log text (and the publisher's errors they received), each with
+    the lines that explain it (DETAIL, CONTEXT, ...); clients' errors (e.g. a local deadlock victim) are left out."""
     lines = text.splitlines()
     found = []
     for i, line in enumerate(lines):
@@ -130,7 +130,8 @@ def apply_error_blocks(text):
                 break
             block.append(ln)
         block = "\n".join(block)
-        if "remote data" in block or "logical replication" in block:
+        # "WAL stream: ERROR": the publisher's walsender failed (not a dropped connection)
+        if "remote data" in block or "logical replication" in block or "WAL stream: ERROR" in block:
             found.append(block)
     return found
 

@@ -178,6 +178,10 @@ def test_redact():
 
 
 # --------------------------------------------------------------------------- planning
+PUBS = ["steep_pub", "steep_pub_versions"]
+VER = dict(ver_publication=True, ver_pub_tables=["steep_repl.row_version"], ver_pub_publish=["insert"])
+
+
 def member(i, **kw):
     spec = {"node_id": i, "host": "h_" + i, "port": 5432, "password": "pw", "database": "db"}
     spec.update(kw)
@@ -185,8 +189,9 @@ def member(i, **kw):
 
 
 def empty_state(**kw):
-    st = {"extension": "1.1", "has_row_version": True, "has_enable": True, "has_disable": True,
+    st = {"extension": "1.1", "has_row_version": True, "has_enable": True, "has_disable": True, "insert_versions": True,
           "publication": False, "pub_all_tables": False, "pub_tables": [], "enabled_tables": [],
+          "ver_publication": False, "ver_pub_all_tables": False, "ver_pub_tables": [], "ver_pub_publish": [],
           "subscriptions": {}, "slots": {}, "database": "db"}
     st.update(kw)
     return st
@@ -219,9 +224,9 @@ def test_plan_stale_node_dropped_everywhere():
 
     def sub(peer, slot_of):
         return {"enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
-                "slot": "steep_to_" + slot_of, "origin": "none", "publications": ["steep_pub"],
+                "slot": "steep_to_" + slot_of, "origin": "none", "publications": PUBS,
                 "tables": ["public.t", "steep_repl.row_version"]}
-    common = dict(publication=True, pub_tables=["public.t", "steep_repl.row_version"], enabled_tables=["public.t"])
+    common = dict(publication=True, pub_tables=["public.t"], enabled_tables=["public.t"], **VER)
     states = {
         "a": empty_state(subscriptions={"steep_from_b": sub("b", "a"), "steep_from_c": sub("c", "a")},
                          slots={"steep_to_b": slot, "steep_to_c": slot}, **common),
@@ -244,10 +249,11 @@ def test_plan_converged_is_empty_and_table_added_refreshes():
     slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
 
     def st(me, peer, tables):
-        return empty_state(publication=True, pub_tables=tables, enabled_tables=[t for t in tables if not t.startswith("steep_repl")],
+        return empty_state(publication=True, pub_tables=[t for t in tables if not t.startswith("steep_repl")], **VER,
+                           enabled_tables=[t for t in tables if not t.startswith("steep_repl")],
                            subscriptions={"steep_from_" + peer: {
                                "enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
-                               "slot": "steep_to_" + me, "origin": "none", "publications": ["steep_pub"],
+                               "slot": "steep_to_" + me, "origin": "none", "publications": PUBS,
                                "tables": tables}},
                            slots={"steep_to_" + peer: slot})
     tables = ["public.t", "steep_repl.row_version"]
@@ -258,7 +264,7 @@ def test_plan_converged_is_empty_and_table_added_refreshes():
     assert "REFRESH PUBLICATION WITH (copy_data = false)" in actions[-1].query
     # removing public.t: dropped from the publication, refreshed, THEN triggers off
     actions = r.plan(ms, states, [])[0]
-    assert [a.phase for a in actions] == [2, 2, 7, 7, 8, 8]
+    assert [a.phase for a in actions] == [2, 2, 7, 7, 9, 9]
     assert "disable_table" in actions[-1].query
 
 
@@ -267,12 +273,12 @@ def test_plan_changed_password_alters_connection_without_showing_it():
     slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
     tables = ["steep_repl.row_version"]
     states = {
-        "a": empty_state(publication=True, pub_tables=tables, slots={"steep_to_b": slot}, subscriptions={
+        "a": empty_state(publication=True, slots={"steep_to_b": slot}, **VER, subscriptions={
             "steep_from_b": {"enabled": True, "conninfo": r.render_conninfo(member("b").peer_conninfo()),
-                             "slot": "steep_to_a", "origin": "none", "publications": ["steep_pub"], "tables": tables}}),
-        "b": empty_state(publication=True, pub_tables=tables, slots={"steep_to_a": slot}, subscriptions={
+                             "slot": "steep_to_a", "origin": "none", "publications": PUBS, "tables": tables}}),
+        "b": empty_state(publication=True, slots={"steep_to_a": slot}, **VER, subscriptions={
             "steep_from_a": {"enabled": False, "conninfo": r.render_conninfo(member("a").peer_conninfo()),
-                             "slot": "steep_to_b", "origin": "any", "publications": ["steep_pub"], "tables": tables}}),
+                             "slot": "steep_to_b", "origin": "any", "publications": PUBS, "tables": tables}}),
     }
     actions = r.plan(ms, states, [])[0]
     q = [(a.node, a.query) for a in actions]
@@ -327,11 +333,11 @@ def _running_pair_states(init_c):
 
     def sub(peer, me):
         return {"enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
-                "slot": "steep_to_" + me, "origin": "none", "publications": ["steep_pub"], "tables": tables}
+                "slot": "steep_to_" + me, "origin": "none", "publications": PUBS, "tables": tables}
     return {
-        "a": empty_state(publication=True, pub_tables=tables, slots={"steep_to_b": slot, "steep_to_c": slot},
+        "a": empty_state(publication=True, slots={"steep_to_b": slot, "steep_to_c": slot}, **VER,
                          subscriptions={"steep_from_b": sub("b", "a")}, init_state="SYNCHRONIZED"),
-        "b": empty_state(publication=True, pub_tables=tables, slots={"steep_to_a": slot},
+        "b": empty_state(publication=True, slots={"steep_to_a": slot}, **VER,
                          subscriptions={"steep_from_a": sub("a", "b")}),
         "c": empty_state(init_state=init_c),
     }
@@ -353,3 +359,104 @@ def test_newcomer_being_initialised_is_wired_and_fresh_mesh_wires_everyone():
     assert created == [("b", "steep_to_c"), ("c", "steep_to_a"), ("c", "steep_to_b")]  # a's slot for c is reused
     fresh = {i: empty_state(init_state="UNINITIALIZED") for i in "abc"}
     assert r.uninitialised_newcomers(ms, fresh) == {}
+
+
+# --------------------------------------------------------------------------- the versions publication
+def _wired(pub_tables, publications, **kw):
+    """A 2-node mesh wired with the given publication contents and subscription publication lists."""
+    slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
+    tables = ["public.t", "steep_repl.row_version"]
+
+    def st(me, peer):
+        return empty_state(publication=True, pub_tables=pub_tables, enabled_tables=["public.t"],
+                           slots={"steep_to_" + peer: slot}, subscriptions={"steep_from_" + peer: {
+                               "enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
+                               "slot": "steep_to_" + me, "origin": "none", "publications": publications,
+                               "tables": tables}}, **kw)
+    return [member("a"), member("b")], {"a": st("a", "b"), "b": st("b", "a")}
+
+
+def _texts(actions):
+    return [(a.phase, a.node, a.query) for a in actions]
+
+
+def test_fresh_mesh_versions_travel_in_their_own_insert_only_publication():
+    ms = [member("a"), member("b")]
+    actions = r.plan(ms, {x.node_id: empty_state() for x in ms}, ["public.t"])[0]
+    texts = _texts(actions)
+    assert (2, "a", 'CREATE PUBLICATION "steep_pub" FOR TABLE "public"."t"') in texts
+    assert (2, "a", 'CREATE PUBLICATION "steep_pub_versions" FOR TABLE "steep_repl"."row_version" '
+                    "WITH (publish = 'insert')") in texts
+    subs = [a for a in actions if a.kind == "create_sub"]
+    assert len(subs) == 2 and all('PUBLICATION "steep_pub", "steep_pub_versions" WITH' in a.query for a in subs)
+
+
+def test_migration_moves_row_version_only_after_every_subscription_reads_both():
+    ms, states = _wired(["public.t", "steep_repl.row_version"], ["steep_pub"])
+    actions, warnings, info = r.plan(ms, states, ["public.t"])
+    assert warnings == [] and info["leaving_tables"] == []
+    texts = _texts(actions)
+    create = (2, "a", 'CREATE PUBLICATION "steep_pub_versions" FOR TABLE "steep_repl"."row_version" '
+                      "WITH (publish = 'insert')")
+    switch = (6, "a", 'ALTER SUBSCRIPTION "steep_from_b" SET PUBLICATION "steep_pub", "steep_pub_versions" '
+                      "WITH (refresh = false)")
+    leave = (8, "a", 'ALTER PUBLICATION "steep_pub" DROP TABLE "steep_repl"."row_version"')
+    assert create in texts and switch in texts and leave in texts
+    # every switch (on both nodes) comes before any drop: no walsender reads a list without the versions
+    last_switch = max(i for i, a in enumerate(actions) if a.kind == "set_publication")
+    first_leave = min(i for i, t in enumerate(texts) if "DROP TABLE" in t[2])
+    assert last_switch < first_leave
+    assert sorted(a.note for a in actions if a.kind == "set_publication") == ["steep_from_a", "steep_from_b"]
+    # nothing else: no refresh (the subscriptions' table lists do not change), no trigger change
+    assert len(actions) == 6
+    # after the run: converged
+    ms, states = _wired(["public.t"], PUBS, **VER)
+    assert r.plan(ms, states, ["public.t"])[0] == []
+
+
+def test_an_earlier_engine_anywhere_keeps_versions_in_the_main_publication():
+    ms, states = _wired(["public.t", "steep_repl.row_version"], ["steep_pub"])
+    states["b"]["insert_versions"] = False
+    actions, warnings, _info = r.plan(ms, states, ["public.t"])
+    texts = _texts(actions)
+    assert not any("DROP TABLE" in t[2] for t in texts)
+    assert (2, "a", "CREATE PUBLICATION \"steep_pub_versions\" WITH (publish = 'insert')") in texts
+    assert any("replaces versions in place" in w and " b" in w and "foundation play" in w for w in warnings)
+    assert sum(1 for a in actions if a.kind == "set_publication") == 2
+
+
+def test_versions_publication_repairs():
+    ms, states = _wired(["public.t"], PUBS, ver_publication=True, ver_pub_tables=["public.t"],
+                        ver_pub_publish=["delete", "insert", "update"])
+    texts = _texts(r.plan(ms, states, ["public.t"])[0])
+    for node in ("a", "b"):
+        assert (2, node, "ALTER PUBLICATION \"steep_pub_versions\" SET (publish = 'insert')") in texts
+        assert (2, node, 'ALTER PUBLICATION "steep_pub_versions" ADD TABLE "steep_repl"."row_version"') in texts
+        assert (2, node, 'ALTER PUBLICATION "steep_pub_versions" DROP TABLE "public"."t"') in texts
+    # a user table that only the versions publication carried leaves the set: its triggers go last
+    ms, states = _wired(["public.t"], PUBS, ver_publication=True, ver_pub_publish=["insert"],
+                        ver_pub_tables=["public.u", "steep_repl.row_version"])
+    states["a"]["enabled_tables"] = states["b"]["enabled_tables"] = ["public.t", "public.u"]
+    actions, _w, info = r.plan(ms, states, ["public.t"])
+    assert info["leaving_tables"] == ["public.u"]
+    assert [a.phase for a in actions] == [2, 2, 9, 9]
+
+
+def test_versions_publication_for_all_tables_is_refused():
+    ms = [member("a"), member("b")]
+    states = {"a": empty_state(), "b": empty_state(ver_publication=True, ver_pub_all_tables=True)}
+    with pytest.raises(SteepError) as err:
+        r.plan(ms, states, [])
+    assert "DROP PUBLICATION steep_pub_versions" in str(err.value) and "on b" in str(err.value)
+
+
+def test_publication_name_leaves_room_for_the_versions_publication():
+    assert r.check_publication_name("p" * 54) == "p" * 54
+    assert r.versions_publication("steep_pub") == "steep_pub_versions"
+    for bad in ("p" * 55, "é" * 28, "", "  "):
+        with pytest.raises(SteepError) as err:
+            r.check_publication_name(bad)
+        assert "Fix:" in str(err.value)
+    with pytest.raises(SteepError) as err:
+        r.ensure_mesh([{"node_id": "a"}, {"node_id": "b"}], publication="p" * 60)
+    assert "at most 63 bytes" in str(err.value) and "Nothing was changed" in str(err.value)
