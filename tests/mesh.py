@@ -11,6 +11,8 @@ Stable API (used by the replication AND the conflict-engine tests):
 * ``assert_healthy(lab, nodes=None)``: every steep subscription enabled, running, with
   ``apply_error_count == 0`` and ``sync_error_count == 0``; each node subscribes to every other.
 * ``mesh_state(node)``: publication tables, subscriptions and slots of one node (for asserts).
+* ``wire_like_earlier_build(nodes)``: the publications and subscriptions an earlier build left, to
+  test a migration.
 
 No mocks: real servers, real ansible-playbook.
 """
@@ -115,6 +117,26 @@ def mesh_state(node):
         "SELECT slot_name FROM pg_catalog.pg_replication_slots "
         "WHERE slot_name LIKE 'steep\\_%%' ORDER BY 1")]
     return {"publication": pub, "subscriptions": subs, "slots": slots}
+
+
+def wire_like_earlier_build(nodes):
+    """Turn a mesh built by this build into the shape an earlier build left (steep_repl.row_version in
+    steep_pub with every operation, every subscription reading steep_pub only, no versions publication),
+    waiting until every apply worker restarted with the old list: the starting point of a migration."""
+    workers = ("SELECT pid FROM pg_catalog.pg_stat_subscription WHERE subname LIKE 'steep%%' "
+               "AND relid IS NULL AND pid IS NOT NULL")
+    for n in nodes:
+        n.sql("ALTER PUBLICATION %s ADD TABLE steep_repl.row_version" % PUBLICATION)
+    for n in nodes:
+        before = set(n.sql(workers))
+        for (sub,) in n.sql("SELECT subname FROM pg_catalog.pg_subscription WHERE subname LIKE 'steep%%'"):
+            n.sql('ALTER SUBSCRIPTION "%s" SET PUBLICATION %s WITH (refresh = false)' % (sub, PUBLICATION))
+        deadline = time.time() + 30
+        while set(n.sql(workers)) & before:
+            assert time.time() < deadline, "apply workers on %s did not restart" % n.name
+            time.sleep(0.1)
+    for n in nodes:
+        n.sql("DROP PUBLICATION %s_versions" % PUBLICATION)
 
 
 def _caught_up(members, targets):

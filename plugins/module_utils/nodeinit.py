@@ -466,7 +466,8 @@ def prepare(specs, target, source, tables=None, schemas=None, excluded=None, sch
             method="snapshot", check_mode=False, existing_data="fail"):
     """Step 1 (see module docstring). Returns a result dict; raises SteepError (state FAILED)."""
     from ansible_collections.steep.repl.plugins.module_utils.replication import (
-        Mesh, candidate_catalog, candidate_schemas, resolve_tables, slot_name, subscription_name)
+        PUBLICATION, Mesh, candidate_catalog, candidate_schemas, resolve_tables, slot_name, subscription_name,
+        versions_publication)
     members, by_id = _members(specs, target, source)
     src, tgt = by_id[source], by_id[target]
     others = [m for m in members if m.node_id not in (source, target)]
@@ -478,6 +479,17 @@ def prepare(specs, target, source, tables=None, schemas=None, excluded=None, sch
             raise SteepError("source %s is not in the mesh: it has no subscription from %s. Fix: choose a "
                              "SYNCHRONIZED node as steep_init_source, or run playbooks/site.yml on the existing "
                              "mesh first." % (source, ", ".join(missing)))
+        # the target's slots are created now: a versions publication created later (by the migration of a
+        # mesh wired by an earlier build) would be newer than the WAL they decode (replication.md)
+        vpub = versions_publication(PUBLICATION)
+        unmigrated = sorted(m.node_id for m in [src] + others if not states[m.node_id]["ver_publication"] or any(
+            vpub not in sub["publications"] for name, sub in states[m.node_id]["subscriptions"].items()
+            if name != subscription_name(target)))
+        if unmigrated:
+            raise SteepError("the mesh is wired by an earlier steep.repl build on %s (no publication %s, or "
+                             "subscriptions that do not read it). Nothing was changed. Fix: run playbooks/site.yml "
+                             "(or steep_replication.yml) once to migrate the mesh, then run init_node.yml again."
+                             % (", ".join(unmigrated), vpub))
         src_state = init_state(src.conn, source)
         if src_state not in ("SYNCHRONIZED", "UNINITIALIZED"):
             raise SteepError("source %s is %s, not SYNCHRONIZED. Fix: choose a SYNCHRONIZED node as "

@@ -658,12 +658,12 @@ def plan(members, states, desired, publication=PUBLICATION):
                                      name, sub.node_id, have["slot"], slot_name(sub.node_id), name, sub.node_id))
             if (have["origin"] or "any") != "none":
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s SET (origin = none)" % qn))
+            if not have["enabled"]:  # first: Mesh.run waits for this subscription's slot before a switch
+                actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s ENABLE" % qn))
             if sorted(have["publications"]) != sorted((publication, vpub)):
                 # the apply worker restarts to read the new list; Mesh.run waits for that before phase 8
                 actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s SET PUBLICATION %s WITH "
                                       "(refresh = false)" % (qn, sub_pubs), kind="set_publication", note=name))
-            if not have["enabled"]:
-                actions.append(Action(sub.node_id, 6, "ALTER SUBSCRIPTION %s ENABLE" % qn))
             if sorted(have["tables"]) != pub_wanted:
                 actions.append(Action(sub.node_id, 7, "ALTER SUBSCRIPTION %s REFRESH PUBLICATION WITH "
                                       "(copy_data = false)" % qn))

@@ -14,14 +14,15 @@ description:
   - Runs B(once for the whole mesh) (C(run_once=true), delegated to the controller) and connects to every node over TCP.
   - On every node, creates or updates the publication (default C(steep_pub)) with the replicated tables, and the
     publication C(<publication>_versions) (C(steep_pub_versions)) with C(steep_repl.row_version) and
-    C(publish = 'insert'): origins replace a row's version by DELETE + INSERT and receivers decide on the INSERT alone,
+    C(publish = 'insert'). Origins replace a row's version by DELETE + INSERT and receivers decide on the INSERT alone,
     so the DELETE half is not sent. Every subscription subscribes to both publications.
-  - A mesh set up by an earlier build (C(steep_repl.row_version) in the main publication) is moved in one run: the
-    versions publication is created, every subscription is switched to both publications, the run waits until every
-    apply worker restarted with the new list, and only then does C(steep_repl.row_version) leave the main publication,
-    so no subscriber ever reads a change without its version. While some node's conflict engine still replaces versions
-    in place (an earlier build, without C(steep_repl._version_wait)), the versions stay in the main publication with
-    every operation, with a warning.
+  - A mesh set up by an earlier build (C(steep_repl.row_version) in the main publication) is moved in one run. The
+    versions publication is created; each subscription is switched to both publications once its slot has confirmed the
+    WAL written so far (a PostgreSQL 17 walsender cannot decode WAL older than a publication it is asked for); the run
+    waits until every apply worker restarted with the new list, and only then does C(steep_repl.row_version) leave the
+    main publication, so no subscriber ever reads a change without its version. While some node's conflict engine still
+    replaces versions in place (an earlier build, without C(steep_repl._version_wait)), the versions stay in the main
+    publication with every operation, with a warning.
   - For every ordered pair of nodes creates the logical slot C(steep_to_<subscriber>) on the publisher and the subscription
     C(steep_from_<publisher>) on the subscriber, with C(origin = none), C(copy_data = false) and C(create_slot = false).
   - Every slot is created before any subscription, each in its own autocommit statement, so creating the two subscriptions

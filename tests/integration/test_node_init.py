@@ -7,7 +7,7 @@ import pytest
 
 from conflict_support import write_loop
 from conftest import run_playbook
-from mesh import assert_healthy, build_mesh, wait_converged
+from mesh import assert_healthy, build_mesh, wait_converged, wire_like_earlier_build
 
 SETUP = [
     "CREATE TABLE IF NOT EXISTS public.items (id integer PRIMARY KEY, val text NOT NULL, n integer NOT NULL DEFAULT 0)",
@@ -119,6 +119,40 @@ def test_init_bad_input_fails_clearly_and_changes_nothing(lab_factory):
     assert res.rc == 0, res.failure_messages() or res.stdout[-3000:]
     n1.sql("INSERT INTO public.items VALUES (1, 'after', 0)")
     wait_converged(lab, QUERY_ITEMS)
+    assert set(_states(lab, "node3").values()) == {"SYNCHRONIZED"}
+
+
+def test_init_refuses_a_mesh_wired_by_an_earlier_build_until_it_is_migrated(lab_factory):
+    """The target's slots must not predate the versions publication (a PostgreSQL 17 walsender fails for
+    good on a publication newer than the WAL it decodes): init_node.yml on a mesh that an earlier build
+    wired refuses before it creates anything and names the fix; after site.yml migrated the mesh, the same
+    command joins the node."""
+    lab = lab_factory(3, (17,))
+    group_vars = {"steep_replicated_tables": TABLES}
+    build_mesh(lab, SETUP, group_vars, nodes=["node1", "node2"])
+    n1, n2, n3 = lab.nodes
+    for stmt in SETUP:
+        n3.sql(stmt)
+    wire_like_earlier_build([n1, n2])
+    inventory = lab.write_inventory(group_vars=group_vars)
+    join = {"steep_init_target": "node3", "steep_init_source": "node1"}
+    res = run_playbook("init_node.yml", inventory, extra_vars=join)
+    assert res.rc != 0
+    msg = " ".join(res.failure_messages())
+    assert "earlier steep.repl build on node1, node2" in msg and "playbooks/site.yml" in msg, msg
+    for n in (n1, n2):  # read back: no slot, no publication, no state change
+        assert n.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'steep_to_node3'")[0][0] == 0
+        assert n.sql("SELECT count(*) FROM pg_publication WHERE pubname = 'steep_pub_versions'")[0][0] == 0
+    assert set(_states(lab, "node3").values()) == {"UNINITIALIZED"}
+
+    res = run_playbook("steep_replication.yml", inventory)  # node3, a newcomer, is left alone
+    assert res.rc == 0, res.failure_messages() or res.stdout[-3000:]
+    n1.sql("INSERT INTO public.items VALUES (1, 'before', 0)")
+    res = run_playbook("init_node.yml", inventory, extra_vars=join)
+    assert res.rc == 0, res.failure_messages() or res.stdout[-3000:]
+    n3.sql("UPDATE public.items SET val = 'from node3' WHERE id = 1")
+    assert wait_converged(lab, QUERY_ITEMS) == [(1, "from node3", 0)]
+    assert_healthy(lab)
     assert set(_states(lab, "node3").values()) == {"SYNCHRONIZED"}
 
 

@@ -288,17 +288,7 @@ def test_versions_move_to_their_insert_only_publication(lab_factory, majors, loa
     for n in lab.nodes:
         pubs, subs = publications(n)
         assert pubs == new_shape and set(map(tuple, subs.values())) == {("steep_pub", "steep_pub_versions")}
-    # the earlier build's shape: versions in steep_pub, every subscription reads steep_pub only
-    for n in lab.nodes:
-        n.sql("ALTER PUBLICATION steep_pub ADD TABLE steep_repl.row_version")
-    workers = "SELECT pid FROM pg_stat_subscription WHERE subname LIKE 'steep%%' AND relid IS NULL AND pid IS NOT NULL"
-    for n in lab.nodes:
-        before = n.sql(workers)
-        for s in publications(n)[1]:
-            n.sql('ALTER SUBSCRIPTION "%s" SET PUBLICATION steep_pub WITH (refresh = false)' % s)
-        cs.wait_for(lambda: not set(n.sql(workers)) & set(before), what="apply workers restarted on " + n.name)
-    for n in lab.nodes:
-        n.sql("DROP PUBLICATION steep_pub_versions")
+    mesh.wire_like_earlier_build(lab.nodes)
     old = {n.name: publications(n) for n in lab.nodes}
     assert all(o[0] == {"steep_pub": (["public.t", "public.w", "steep_repl.row_version"],
                                       "insert,update,delete,truncate")} for o in old.values())

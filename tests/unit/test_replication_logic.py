@@ -414,6 +414,14 @@ def test_migration_moves_row_version_only_after_every_subscription_reads_both():
     assert r.plan(ms, states, ["public.t"])[0] == []
 
 
+def test_a_disabled_subscription_is_enabled_before_it_switches_publications():
+    """Mesh.run waits for the slot of a switching subscription to confirm: it must be running by then."""
+    ms, states = _wired(["public.t", "steep_repl.row_version"], ["steep_pub"])
+    states["a"]["subscriptions"]["steep_from_b"]["enabled"] = False
+    texts = [t for t in _texts(r.plan(ms, states, ["public.t"])[0]) if t[1] == "a" and t[0] == 6]
+    assert [t[2].split('" ')[1][:15] for t in texts] == ["ENABLE", "SET PUBLICATION"]
+
+
 def test_an_earlier_engine_anywhere_keeps_versions_in_the_main_publication():
     ms, states = _wired(["public.t", "steep_repl.row_version"], ["steep_pub"])
     states["b"]["insert_versions"] = False
