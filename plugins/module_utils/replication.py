@@ -31,7 +31,7 @@ import fnmatch
 import time
 
 from ansible_collections.steep.repl.plugins.module_utils.db import (
-    SteepError, connect, describe, fetch_all, fetch_value, quote_ident, quote_qualified,
+    SteepError, connect, describe, fetch_all, fetch_one, fetch_value, quote_ident, quote_qualified,
     validate_node_id, check_server, extension_version)
 
 try:
@@ -49,6 +49,9 @@ ROW_VERSION = "steep_repl.row_version"
 CAPTURE_TRIGGER = "steep_repl_capture"
 LOCK_KEY = "steep_repl.mesh"
 REDACTED = "********"
+# where a node stands once the publications are in place: every transaction id below xmax has started
+WAL_MARK = ("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text AS xmax, "
+            "pg_catalog.clock_timestamp() AS at")
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "steep_repl", "pg_toast")
 
 
@@ -719,6 +722,7 @@ class Mesh:
         self.check_mode = check_mode
         self.lock_timeout = lock_timeout
         self.queries = []
+        self._wal_marks = {}
         self.secrets = [m.password for m in members if m.password]
 
     def __enter__(self):
@@ -789,7 +793,11 @@ class Mesh:
         """Execute in order. A failure while wiring (slots, new subscriptions) undoes the slots and
         subscriptions this run created, so no half-wired mesh and no orphan slot retaining WAL stays."""
         created, restarting = [], []
+        self._wal_marks = {}
         for action in actions:
+            if action.phase > 2 and not self._wal_marks and not self.check_mode:
+                # where each node's WAL stands once the publications are in place (see _wait_slot_passed)
+                self._wal_marks = {m.node_id: fetch_one(m.conn, WAL_MARK) for m in self.members}
             if action.phase >= 8 and restarting and not self.check_mode:
                 self._wait_restarted(restarting)
                 restarting = []
@@ -828,28 +836,56 @@ class Mesh:
                                "AND relid IS NULL AND leader_pid IS NULL AND pid IS NOT NULL", (subname,))
         return rows[0]["pid"] if rows else None
 
-    def _wait_slot_passed(self, node, subname, timeout=60):
-        """Before a subscription reads a publication list that names a publication created after its slot
-        last confirmed (the versions publication, in phase 2): wait until the slot has confirmed the WAL
-        written so far. A walsender decodes each transaction with the catalog of its time, and PostgreSQL 17
-        fails on a publication that did not exist then ("publication ... does not exist", on every restart,
-        until someone moves the slot); PostgreSQL 18 skips it with a warning."""
+    def _wait_slot_passed(self, node, subname, stall=60):
+        """Before a subscription reads a publication list that names a publication newer than the WAL its
+        slot may still decode (the versions publication, created in phase 2): a walsender decodes each
+        transaction with the catalog of the moment of its first change, and PostgreSQL 17 fails on a
+        publication that did not exist then ("publication ... does not exist", on every restart, until
+        someone moves the slot); PostgreSQL 18 skips it with a warning. So wait until every transaction
+        that ran on the publisher when phase 2 ended has ended, then until the slot has confirmed the WAL
+        written by then. Waits as long as things move; ``stall`` seconds without progress fail the run
+        (nothing is lost: the versions stay in the main publication)."""
         publisher = self.by_id.get(peer_of(subname, SUB_PREFIX))
         if publisher is None or publisher.conn is None:
             return
+        mark = self._wal_marks.get(publisher.node_id) or fetch_one(publisher.conn, WAL_MARK)
+        deadline = time.time() + stall
+        while not fetch_value(publisher.conn, "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) "
+                                              ">= %s::xid8", (mark["xmax"],)):
+            if time.time() > deadline:
+                old = fetch_all(publisher.conn, "SELECT pid, usename, xact_start::text AS since FROM "
+                                                "pg_catalog.pg_stat_activity WHERE backend_xid IS NOT NULL AND "
+                                                "xact_start < %s ORDER BY xact_start", (mark["at"],))
+                old += fetch_all(publisher.conn, "SELECT 'prepared ' || gid AS pid, owner AS usename, prepared::text "
+                                                 "AS since FROM pg_catalog.pg_prepared_xacts WHERE prepared < %s",
+                                 (mark["at"],))
+                raise SteepError("transactions that began on %s before its publications changed are still running after "
+                                 "%ss (%s); subscription %s on %s keeps its old publication list until they end, because "
+                                 "a walsender decodes them with the catalog of their start (nothing is lost: %s stays "
+                                 "in the main publication). Fix: let them finish, or end them, and re-run." % (
+                                     publisher.node_id, stall, ", ".join("pid %s of %s since %s" % (
+                                         o["pid"], o["usename"], o["since"]) for o in old) or "see pg_stat_activity",
+                                     subname, node, ROW_VERSION))
+            time.sleep(0.1)
         slot = slot_name(node)
         target = fetch_value(publisher.conn, "SELECT pg_catalog.pg_current_wal_lsn()::text")
-        deadline = time.time() + timeout
-        query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots "
-                 "WHERE slot_name = %s")
-        while not fetch_value(publisher.conn, query, (target, slot)):
-            if time.time() > deadline:
-                raise SteepError("slot %s on %s has not confirmed WAL up to %s within %ss, so subscription %s on %s "
-                                 "still reads its old publication list (nothing is lost: %s stays in the main "
+        query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn AS passed, confirmed_flush_lsn::text AS at "
+                 "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s")
+        seen, deadline = None, time.time() + stall
+        while True:
+            rows = fetch_all(publisher.conn, query, (target, slot))
+            if rows and rows[0]["passed"]:
+                return
+            at = rows[0]["at"] if rows else None
+            if at != seen:
+                seen, deadline = at, time.time() + stall
+            elif time.time() > deadline:
+                raise SteepError("slot %s on %s has not moved for %ss (confirmed up to %s, needed %s), so subscription "
+                                 "%s on %s still reads its old publication list (nothing is lost: %s stays in the main "
                                  "publication). Fix: check that this subscription is enabled and streaming "
-                                 "(pg_stat_subscription on %s, pg_replication_slots and the server log on %s) "
-                                 "and re-run." % (slot, publisher.node_id, target, timeout, subname, node,
-                                                  ROW_VERSION, node, publisher.node_id))
+                                 "(pg_stat_subscription on %s, pg_replication_slots and the server log on %s) and re-run."
+                                 % (slot, publisher.node_id, stall, at, target, subname, node, ROW_VERSION, node,
+                                    publisher.node_id))
             time.sleep(0.1)
 
     def _wait_restarted(self, restarting, timeout=60):

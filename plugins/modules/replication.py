@@ -17,8 +17,9 @@ description:
     C(publish = 'insert'). Origins replace a row's version by DELETE + INSERT and receivers decide on the INSERT alone,
     so the DELETE half is not sent. Every subscription subscribes to both publications.
   - A mesh set up by an earlier build (C(steep_repl.row_version) in the main publication) is moved in one run. The
-    versions publication is created; each subscription is switched to both publications once its slot has confirmed the
-    WAL written so far (a PostgreSQL 17 walsender cannot decode WAL older than a publication it is asked for); the run
+    versions publication is created; each subscription is switched to both publications once every transaction that
+    ran on its publisher by then has ended and its slot has confirmed the WAL written by then (a PostgreSQL 17
+    walsender cannot decode a transaction older than a publication it is asked for); the run
     waits until every apply worker restarted with the new list, and only then does C(steep_repl.row_version) leave the
     main publication, so no subscriber ever reads a change without its version. While some node's conflict engine still
     replaces versions in place (an earlier build, without C(steep_repl._version_wait)), the versions stay in the main

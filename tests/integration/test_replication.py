@@ -348,6 +348,48 @@ def test_versions_move_to_their_insert_only_publication(lab_factory, majors, loa
     assert res.rc == 0 and res.changed() == 0, res.stdout[-3000:]
 
 
+def test_versions_migration_waits_for_older_transactions_and_stops_cleanly_when_one_stays(lab_factory):
+    """A transaction that began on a publisher before the versions publication existed is decoded with the
+    catalog of its start, where a PostgreSQL 17 walsender fails for good on that publication: no
+    subscription switches while such a transaction runs. Here a local session on node2 holds one open (it
+    inserted a row): after 60 s the run stops, naming the session, the subscription and the fix, with every
+    subscription on its old list and the versions still in steep_pub (nothing is lost). Once the session
+    commits, the same run completes, the row arrives with its version and the mesh converges (PG 17)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import conflict_support as cs
+    lab = lab_factory(count=2, majors=(17,))
+    inv = mesh.build_mesh(lab, [T], {"steep_replicated_tables": ["public.t"]})
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.t VALUES (1, 'a')")
+    mesh.wait_converged(lab, "SELECT id, v FROM public.t ORDER BY id")
+    mesh.wire_like_earlier_build(lab.nodes)
+    holder = n2.connect(autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("INSERT INTO public.t VALUES (2, 'held on node2')")
+            cur.execute("SELECT pg_backend_pid()")
+            pid = cur.fetchone()[0]
+        n1.sql("UPDATE public.t SET v = 'from node1' WHERE id = 1")
+        res = run_playbook("steep_replication.yml", inv)
+        assert res.rc != 0
+        msg = " ".join(res.failure_messages())
+        assert "transactions that began on node2 before its publications changed" in msg, msg
+        assert "pid %s" % pid in msg and "steep_from_node2 on node1" in msg and "nothing is lost" in msg, msg
+        for n in lab.nodes:   # read back: row_version still in steep_pub, every subscription on its old list
+            pubs, subs = publications(n)
+            assert "steep_repl.row_version" in pubs["steep_pub"][0] and list(subs.values()) == [["steep_pub"]]
+        holder.commit()
+    finally:
+        holder.close()
+    res = run_playbook("steep_replication.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    rows = mesh.wait_converged(lab, "SELECT id, v FROM public.t ORDER BY id")
+    assert rows == [(1, "from node1"), (2, "held on node2")] and cs.server_errors(lab) == {}
+    assert cs.image_mismatches(n1, "public.t") == [] == cs.image_mismatches(n2, "public.t")
+    mesh.assert_healthy(lab)
+    assert run_playbook("steep_replication.yml", inv).changed() == 0
+
+
 def test_three_node_setup_with_forks_and_concurrent_runs_never_deadlocks(lab_factory):
     lab = lab_factory(count=3, majors=(18,))
     inv = mesh.build_mesh(lab, T, GV)  # site.yml once (extension, nodes, ...)
