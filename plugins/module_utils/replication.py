@@ -805,9 +805,10 @@ class Mesh:
             if self.check_mode:
                 continue
             conn = self.by_id[action.node].conn
+            if action.kind == "set_publication":    # its own errors name the cause and the fix
+                self._wait_slot_passed(action.node, action.note)
             try:
                 if action.kind == "set_publication":
-                    self._wait_slot_passed(action.node, action.note)
                     restarting.append((action.node, action.note, self._worker_pid(conn, action.note)))
                 if action.kind == "drop_slot":
                     self._drop_slot(conn, action.args[0])
@@ -853,18 +854,20 @@ class Mesh:
         while not fetch_value(publisher.conn, "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) "
                                               ">= %s::xid8", (mark["xmax"],)):
             if time.time() > deadline:
-                old = fetch_all(publisher.conn, "SELECT pid, usename, xact_start::text AS since FROM "
-                                                "pg_catalog.pg_stat_activity WHERE backend_xid IS NOT NULL AND "
-                                                "xact_start < %s ORDER BY xact_start", (mark["at"],))
-                old += fetch_all(publisher.conn, "SELECT 'prepared ' || gid AS pid, owner AS usename, prepared::text "
-                                                 "AS since FROM pg_catalog.pg_prepared_xacts WHERE prepared < %s",
-                                 (mark["at"],))
+                old = fetch_all(publisher.conn, "SELECT 'pid ' || pid || ' (' || concat_ws(', ', backend_type, "
+                                                "nullif(application_name, ''), usename) || ')' AS who, "
+                                                "xact_start::text AS since FROM pg_catalog.pg_stat_activity "
+                                                "WHERE backend_xid IS NOT NULL AND xact_start < %s ORDER BY xact_start",
+                                (mark["at"],))
+                old += fetch_all(publisher.conn, "SELECT 'prepared transaction ' || gid || ' (' || owner || ')' AS who, "
+                                                 "prepared::text AS since FROM pg_catalog.pg_prepared_xacts "
+                                                 "WHERE prepared < %s", (mark["at"],))
                 raise SteepError("transactions that began on %s before its publications changed are still running after "
                                  "%ss (%s); subscription %s on %s keeps its old publication list until they end, because "
                                  "a walsender decodes them with the catalog of their start (nothing is lost: %s stays "
                                  "in the main publication). Fix: let them finish, or end them, and re-run." % (
-                                     publisher.node_id, stall, ", ".join("pid %s of %s since %s" % (
-                                         o["pid"], o["usename"], o["since"]) for o in old) or "see pg_stat_activity",
+                                     publisher.node_id, stall, ", ".join("%s since %s" % (
+                                         o["who"], o["since"]) for o in old) or "see pg_stat_activity",
                                      subname, node, ROW_VERSION))
             time.sleep(0.1)
         slot = slot_name(node)
