@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUB_PREFIX = "steep_from_"
 SLOT_PREFIX = "steep_to_"
 PUBLICATION = "steep_pub"
+VERSIONS_PUBLICATION = PUBLICATION + "_versions"
 
 
 def _conftest():
@@ -108,7 +109,7 @@ def mesh_state(node):
     'slots': [names]}."""
     pub = [r[0] for r in node.sql(
         "SELECT DISTINCT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables "
-        "WHERE pubname IN (%s, %s) ORDER BY 1", (PUBLICATION, PUBLICATION + "_versions"))]
+        "WHERE pubname IN (%s, %s) ORDER BY 1", (PUBLICATION, VERSIONS_PUBLICATION))]
     subs = {r[0]: r[1] for r in node.sql(
         "SELECT subname, subenabled FROM pg_catalog.pg_subscription s "
         "JOIN pg_catalog.pg_database d ON d.oid = s.subdbid AND d.datname = current_database() "
@@ -136,7 +137,7 @@ def wire_like_earlier_build(nodes):
             assert time.time() < deadline, "apply workers on %s did not restart" % n.name
             time.sleep(0.1)
     for n in nodes:
-        n.sql("DROP PUBLICATION %s_versions" % PUBLICATION)
+        n.sql("DROP PUBLICATION %s" % VERSIONS_PUBLICATION)
 
 
 def _caught_up(members, targets):

@@ -49,7 +49,7 @@ ROW_VERSION = "steep_repl.row_version"
 CAPTURE_TRIGGER = "steep_repl_capture"
 LOCK_KEY = "steep_repl.mesh"
 REDACTED = "********"
-# where a node stands once the publications are in place: every transaction id below xmax has started
+# where a publisher stands once the publications are in place: every transaction id below xmax has started
 WAL_MARK = ("SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text AS xmax, "
             "pg_catalog.clock_timestamp() AS at")
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "steep_repl", "pg_toast")
@@ -795,9 +795,6 @@ class Mesh:
         created, restarting = [], []
         self._wal_marks = {}
         for action in actions:
-            if action.phase > 2 and not self._wal_marks and not self.check_mode:
-                # where each node's WAL stands once the publications are in place (see _wait_slot_passed)
-                self._wal_marks = {m.node_id: fetch_one(m.conn, WAL_MARK) for m in self.members}
             if action.phase >= 8 and restarting and not self.check_mode:
                 self._wait_restarted(restarting)
                 restarting = []
@@ -843,13 +840,17 @@ class Mesh:
         transaction with the catalog of the moment of its first change, and PostgreSQL 17 fails on a
         publication that did not exist then ("publication ... does not exist", on every restart, until
         someone moves the slot); PostgreSQL 18 skips it with a warning. So wait until every transaction
-        that ran on the publisher when phase 2 ended has ended, then until the slot has confirmed the WAL
-        written by then. Waits as long as things move; ``stall`` seconds without progress fail the run
-        (nothing is lost: the versions stay in the main publication)."""
+        that ran on the publisher at its first switch (after phase 2) has ended, then until the slot has confirmed the WAL
+        written by then. The transactions get ``stall`` seconds; the slot waits as long as it moves, and
+        ``stall`` seconds without progress fail the run (nothing is lost: the versions stay in the main
+        publication)."""
         publisher = self.by_id.get(peer_of(subname, SUB_PREFIX))
         if publisher is None or publisher.conn is None:
             return
-        mark = self._wal_marks.get(publisher.node_id) or fetch_one(publisher.conn, WAL_MARK)
+        # taken at the first switch that reads from this publisher (after phase 2), shared by the later ones
+        mark = self._wal_marks.get(publisher.node_id)
+        if mark is None:
+            mark = self._wal_marks[publisher.node_id] = fetch_one(publisher.conn, WAL_MARK)
         deadline = time.time() + stall
         while not fetch_value(publisher.conn, "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) "
                                               ">= %s::xid8", (mark["xmax"],)):
