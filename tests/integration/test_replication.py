@@ -348,6 +348,33 @@ def test_versions_move_to_their_insert_only_publication(lab_factory, majors, loa
     assert res.rc == 0 and res.changed() == 0, res.stdout[-3000:]
 
 
+def test_publication_name_without_room_for_its_versions_publication_is_refused(lab_factory, tmp_path):
+    """The module's ``publication`` option (not exposed by the playbooks): a name longer than 54 bytes leaves
+    no room for ``<name>_versions``; the run fails naming the limit and the fix, and no node changed."""
+    lab = lab_factory(count=2, majors=(18,))
+    inv = mesh.build_mesh(lab, [T], {"steep_replicated_tables": ["public.t"]})
+    before = {n.name: (publications(n), mesh.mesh_state(n)) for n in lab.nodes}
+    name = "p" * 55
+    book = tmp_path / "long_publication.yml"
+    book.write_text("""- hosts: steep_nodes
+  gather_facts: false
+  vars_files: [%s]
+  tasks:
+    - steep.repl.replication:
+        nodes: "{{ steep_mesh_nodes }}"
+        tables: [public.t]
+        publication: %s
+      run_once: true
+      delegate_to: localhost
+""" % (Path(__file__).resolve().parents[2] / "playbooks" / "vars" / "mesh.yml", name))
+    res = run_playbook(str(book), inv)
+    assert res.rc != 0
+    msg = " ".join(res.failure_messages())
+    assert "publication name '%s' is longer than 54 bytes" % name in msg and "Fix: choose a shorter name" in msg, msg
+    assert {n.name: (publications(n), mesh.mesh_state(n)) for n in lab.nodes} == before
+    assert all(n.sql("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'ppp%%'")[0][0] == 0 for n in lab.nodes)
+
+
 @pytest.mark.parametrize("case", ["old-transaction", "stuck-slot"])
 def test_versions_migration_stops_cleanly_while_a_publisher_cannot_move_on(lab_factory, case):
     """PostgreSQL 17: no subscription switches to the versions publication while its publisher could still
