@@ -166,6 +166,66 @@ def test_duplicate_delivery_is_a_silent_noop(lab):
     assert n_conflicts(n2, "public.f") == logged
 
 
+def replay_session(node, origin):
+    """A transaction on node that writes as an apply worker does (replica role, a replication origin, the
+    deadlock_timeout the engine sets for it), counting the PL/pgSQL calls it makes (track_functions)."""
+    conn = node.connect(autocommit=False)
+    cur = conn.cursor()
+    cur.execute("SELECT pg_catalog.pg_replication_origin_create(%s) WHERE NOT EXISTS "
+                "(SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = %s)", (origin, origin))
+    cur.execute("SET session_replication_role = replica")
+    cur.execute("SET track_functions = 'pl'")
+    cur.execute("SET deadlock_timeout = '5s'")      # as an apply worker's session after its first decision
+    cur.execute("SELECT pg_catalog.pg_replication_origin_session_setup(%s)", (origin,))
+    return conn, cur
+
+
+def version_trigger_calls(cur):
+    cur.execute("SELECT pg_catalog.pg_stat_get_xact_function_calls('steep_repl._row_version_apply()'::regprocedure)")
+    return cur.fetchone()[0]
+
+
+def test_a_conflict_calls_the_version_trigger_once(lab):
+    """The row_version trigger fires for what a peer sends (INSERTs; UPDATEs and DELETEs from an origin on
+    an earlier 1.1 build), never for the engine's own UPDATE of a version inside it: that call only let
+    the UPDATE through and cost the apply worker about 35 µs per conflict. A conflict replayed on node2
+    as its apply worker receives it: one call, the remote version wins (later), its row change is
+    skipped (decided already), one conflict logged; an earlier build's DELETE half is still ignored."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.f VALUES (600, 'base', 0)")
+    converged(lab, "public.f")
+    logged = n_conflicts(n2, "public.f")
+    cs.pause(lab)
+    try:
+        n2.sql("UPDATE public.f SET v = 'node2' WHERE id = 600")
+        n1.sql("UPDATE public.f SET v = 'node1' WHERE id = 600")      # later: wins under last_write_wins
+        ver = n1.sql("SELECT pg_catalog.to_jsonb(v)::text FROM steep_repl.row_version v "
+                     "WHERE tbl = 'public.f' AND pk = '[600]'")[0][0]
+        conn, cur = replay_session(n2, "steep_test_calls")
+        try:
+            cur.execute("INSERT INTO steep_repl.row_version SELECT * FROM "
+                        "pg_catalog.jsonb_populate_record(NULL::steep_repl.row_version, %s::jsonb)", (ver,))
+            calls = version_trigger_calls(cur)
+            cur.execute("UPDATE public.f SET v = 'node1' WHERE id = 600")      # its row change
+            cur.execute("DELETE FROM steep_repl.row_version WHERE tbl = 'public.f' AND pk = '[600]'")
+            deleted = cur.rowcount
+            calls_after_delete = version_trigger_calls(cur)
+            cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+            conn.commit()
+        finally:
+            conn.close()
+    finally:
+        cs.resume(lab)
+    assert (calls, deleted, calls_after_delete) == (1, 0, 2)
+    assert n2.sql("SELECT v FROM public.f WHERE id = 600") == [("node1",)]
+    assert n2.sql("SELECT conflict_type, resolution, winner, local_tuple->>'v', remote_tuple->>'v' "
+                  "FROM steep_repl.conflict_log WHERE table_name = 'f' AND pk = '[600]'") == [
+        ("UPDATE_UPDATE", "APPLIED_REMOTE", "remote", "node2", "node1")]
+    assert n_conflicts(n2, "public.f") == logged + 1
+    cs.sync(lab)
+    assert [r for r in converged(lab, "public.f") if r[0] == 600] == [(600, "node1", 0)]
+
+
 def test_bulk_load_into_an_empty_analysed_table(lab):
     """A generic plan made while the table was empty must not turn every lookup into a scan."""
     n1, n2 = lab.nodes
