@@ -139,33 +139,6 @@ def test_primary_key_changes_with_and_without_conflicts(lab):
     mesh.assert_healthy(lab)
 
 
-def test_duplicate_delivery_is_a_silent_noop(lab):
-    """A version re-delivered (copy + replay during node initialisation) changes nothing and logs nothing."""
-    n1, n2 = lab.nodes
-    n1.sql("INSERT INTO public.f VALUES (500, 'dup', 0)")
-    converged(lab, "public.f")
-    n1.sql("UPDATE public.f SET n = 1 WHERE id = 500")
-    converged(lab, "public.f")
-    logged = n_conflicts(n2, "public.f")
-    # replay node1's current version of key 500 (and the row change) on node2 as the apply worker would
-    conn = n2.connect(autocommit=False)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_catalog.pg_replication_origin_create('steep_test_dup') "
-                        "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = 'steep_test_dup')")
-            cur.execute("SET session_replication_role = replica")
-            cur.execute("SELECT pg_catalog.pg_replication_origin_session_setup('steep_test_dup')")
-            cur.execute("UPDATE steep_repl.row_version SET origin_xid = origin_xid "
-                        "WHERE tbl = 'public.f' AND pk = '[500]'")          # identical version again
-            cur.execute("UPDATE public.f SET v = 'replayed' WHERE id = 500")  # its (older) row change
-            cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
-        conn.commit()
-    finally:
-        conn.close()
-    assert n2.sql("SELECT v, n FROM public.f WHERE id = 500") == [("dup", 1)]
-    assert n_conflicts(n2, "public.f") == logged
-
-
 def replay_session(node, origin):
     """A transaction on node that writes as an apply worker does (replica role, a replication origin, the
     deadlock_timeout the engine sets for it), counting the PL/pgSQL calls it makes (track_functions)."""
@@ -183,6 +156,28 @@ def replay_session(node, origin):
 def version_trigger_calls(cur):
     cur.execute("SELECT pg_catalog.pg_stat_get_xact_function_calls('steep_repl._row_version_apply()'::regprocedure)")
     return cur.fetchone()[0]
+
+
+def test_duplicate_delivery_is_a_silent_noop(lab):
+    """A version re-delivered (copy + replay during node initialisation) changes nothing and logs nothing."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.f VALUES (500, 'dup', 0)")
+    converged(lab, "public.f")
+    n1.sql("UPDATE public.f SET n = 1 WHERE id = 500")
+    converged(lab, "public.f")
+    logged = n_conflicts(n2, "public.f")
+    # replay node1's current version of key 500 (and the row change) on node2 as the apply worker would
+    conn, cur = replay_session(n2, "steep_test_dup")
+    try:
+        cur.execute("UPDATE steep_repl.row_version SET origin_xid = origin_xid "
+                    "WHERE tbl = 'public.f' AND pk = '[500]'")          # identical version again
+        cur.execute("UPDATE public.f SET v = 'replayed' WHERE id = 500")  # its (older) row change
+        cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        conn.commit()
+    finally:
+        conn.close()
+    assert n2.sql("SELECT v, n FROM public.f WHERE id = 500") == [("dup", 1)]
+    assert n_conflicts(n2, "public.f") == logged
 
 
 def test_a_conflict_calls_the_version_trigger_once(lab):
