@@ -183,7 +183,7 @@ def test_duplicate_delivery_is_a_silent_noop(lab):
 def test_a_conflict_calls_the_version_trigger_once(lab):
     """The row_version trigger fires for what a peer sends (INSERTs; UPDATEs and DELETEs from an origin on
     an earlier 1.1 build), never for the engine's own UPDATE of a version inside it: that call only let
-    the UPDATE through and cost the apply worker about 35 µs per conflict. A conflict replayed on node2
+    the UPDATE through. A conflict replayed on node2
     as its apply worker receives it: one call, the remote version wins (later), its row change is
     skipped (decided already), one conflict logged; an earlier build's DELETE half is still ignored."""
     n1, n2 = lab.nodes
