@@ -132,9 +132,13 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Tables
 -- ---------------------------------------------------------------------------------------------
--- The functions that look rows up by key run with SET enable_seqscan = off: PL/pgSQL caches a generic
--- plan per session, and one planned while a table was empty (a sequential scan) would stay in the
--- apply worker while the table grows, making every lookup of a bulk load scan the table.
+-- The apply worker runs with enable_seqscan = off for its whole session (set by the first version it
+-- handles, with its deadlock_timeout): PL/pgSQL caches a generic plan per session, and one planned while
+-- a table was empty (a sequential scan) would stay in the apply worker while the table grows, making
+-- every lookup of a bulk load scan the table. A session setting, not a SET clause on the functions: a
+-- SET clause saves and restores the setting on every call, which cost several µs per conflict.
+-- Functions reachable from any session (the user-table trigger, the API) pin search_path = ''; the
+-- helpers only they and the apply worker can call (REVOKEd from PUBLIC) run with their caller's.
 
 -- One row per replicated key: the version the local row currently holds (or a tombstone).
 -- Published together with the user tables. An origin replaces a key's version with DELETE + INSERT,
@@ -201,15 +205,10 @@ ALTER TABLE steep_repl.conflict_log ADD COLUMN IF NOT EXISTS note TEXT;
 -- and one index less makes every logged conflict cheaper)
 DROP INDEX IF EXISTS steep_repl.conflict_log_key_idx;
 
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
-                   WHERE conname = 'conflict_log_resolution_valid'
-                     AND conrelid = 'steep_repl.conflict_log'::pg_catalog.regclass) THEN
-        ALTER TABLE steep_repl.conflict_log ADD CONSTRAINT conflict_log_resolution_valid
-            CHECK (resolution IN ('PENDING', 'APPLIED_REMOTE', 'KEPT_LOCAL', 'MERGED', 'REVERTED', 'BENIGN'));
-    END IF;
-END $$;
+-- (a CHECK constraint on resolution existed here: the apply worker deserialised it for every logged
+-- conflict, about 3 % of a conflict's cost. Only the engine and the resolution API write conflict_log,
+-- and both write the six values of docs/conflicts.md only.)
+ALTER TABLE steep_repl.conflict_log DROP CONSTRAINT IF EXISTS conflict_log_resolution_valid;
 
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.row_version', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_tables', '');
@@ -456,7 +455,7 @@ BEGIN
       INTO v_body FROM steep_repl.conflict_tables ct;
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION steep_repl._rowop(p_tbl TEXT, p_action TEXT, p_pk TEXT, p_img JSONB) RETURNS JSONB
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+LANGUAGE plpgsql SECURITY DEFINER AS $body$
 BEGIN
 %s
     RAISE EXCEPTION 'steep_repl: table %% has no conflict triggers on this node', p_tbl
@@ -541,14 +540,25 @@ BEGIN
 END $$;
 
 -- The apply context: a transaction-local setting listing the keys whose next user-row change must
--- NOT be applied as it arrives ("s": decided / materialised / duplicate) or must be checked ("g":
--- first version of an INSERT, the row could exist without a version). Entries: E'\n' flag tbl E'\t' pk.
+-- NOT be applied as it arrives ("s": decided / materialised / duplicate), must be checked ("g":
+-- first version of an INSERT, the row could exist without a version) or must carry the image of the
+-- version that won ("m": a remote UPDATE that won a conflict; the image waits in steep_repl.apply_img).
+-- Entries: E'\n' flag tbl E'\t' pk. Removing an "m" entry before its row change came materialises it.
 -- Empty (the normal case): the user-row change is applied natively, its trigger's WHEN clause is false.
 CREATE OR REPLACE FUNCTION steep_repl._ctx_set(p_key TEXT, p_flag TEXT) RETURNS VOID
 LANGUAGE plpgsql SET search_path = '' AS $$
-DECLARE c TEXT := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+DECLARE
+    c TEXT := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+    v_tbl TEXT := pg_catalog.split_part(p_key, E'\t', 1);
+    v_pk TEXT := pg_catalog.substr(p_key, pg_catalog.length(v_tbl) + 2);
 BEGIN
     IF c <> '' THEN                             -- a new decision for a key replaces an older one
+        IF pg_catalog.strpos(c, E'\nm' || p_key || E'\n') > 0 THEN
+            -- its row change never came (or is handled here): the row becomes its version's image now
+            PERFORM steep_repl._rowop(v_tbl, 'put', v_pk,
+                                      (SELECT v.img FROM steep_repl.row_version v WHERE v.tbl = v_tbl AND v.pk = v_pk));
+            c := pg_catalog.replace(c, E'\nm' || p_key || E'\n', E'\n');
+        END IF;
         c := pg_catalog.replace(pg_catalog.replace(c, E'\ns' || p_key || E'\n', E'\n'), E'\ng' || p_key || E'\n', E'\n');
         IF c = E'\n' THEN c := ''; END IF;
     END IF;
@@ -563,7 +573,7 @@ END $$;
 -- locked by the native apply); else as an INSERT. Returns true when the native change must apply n.
 CREATE OR REPLACE FUNCTION steep_repl._version_decide(p_update BOOLEAN, o steep_repl.row_version,
                                                       n steep_repl.row_version)
-RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $$
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     r steep_repl.row_version;
     l steep_repl.row_version;
@@ -579,6 +589,8 @@ DECLARE
     v_resolution TEXT;
     v_sub TEXT;
     v_cache TEXT;
+    v_set TEXT;
+    v_ident "char";
 BEGIN
     IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
         -- our own writes below, or a replica-role session that is no apply worker (node
@@ -586,9 +598,12 @@ BEGIN
         RETURN true;
     END IF;
     -- a local session that waits for us must lose a deadlock, never the apply worker: for the whole
-    -- apply-worker session (set once; an aborted transaction undoes it and the next one sets it again)
+    -- apply-worker session (set once; an aborted transaction undoes it and the next one sets it again);
+    -- and no sequential scan in a plan cached while a table was small (the header of this file).
+    -- Assignments, not PERFORM: PERFORM runs a query, an assignment evaluates the call directly.
     IF pg_catalog.current_setting('deadlock_timeout') <> '5s' THEN
-        PERFORM pg_catalog.set_config('deadlock_timeout', '5s', false);
+        v_set := pg_catalog.set_config('deadlock_timeout', '5s', false);
+        v_set := pg_catalog.set_config('enable_seqscan', 'off', false);
     END IF;
     r := n;
     v_key := r.tbl || E'\t' || r.pk;
@@ -613,7 +628,7 @@ BEGIN
                 ELSIF r.op = 'I' AND NOT r.forced THEN
                     -- the native INSERT follows; it is checked (a row without a version may exist)
                     IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
-                        PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || v_key || E'\n', true);
+                        v_set := pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || v_key || E'\n', true);
                     ELSE
                         PERFORM steep_repl._ctx_set(v_key, 'g');
                     END IF;
@@ -643,6 +658,11 @@ BEGIN
         RETURN false;
     END IF;
     v_conflict := r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node;
+    -- the row_version trigger's fast path is skipped after a conflict, until a version descends again
+    IF v_conflict IS DISTINCT FROM
+       (pg_catalog.current_setting('steep_repl.apply_conflicts', true) IS NOT DISTINCT FROM 'on') THEN
+        v_set := pg_catalog.set_config('steep_repl.apply_conflicts', CASE WHEN v_conflict THEN 'on' ELSE '' END, true);
+    END IF;
 
     IF NOT v_conflict AND NOT r.forced AND (r.deleted OR l.deleted = (r.op = 'I')) THEN
         -- R descends from L: the native user-row change that follows applies it (L live: the row
@@ -661,17 +681,22 @@ BEGIN
         RETURN false;
     END IF;
 
-    -- the table's schema, name and strategy, looked up once per table and transaction (cached in a
-    -- transaction-local setting: a transaction of many conflicts on one table looks them up once)
+    -- the table's schema, name, replica identity and strategy, looked up once per table and transaction
+    -- (cached in a transaction-local setting: a transaction of many conflicts on one table looks them up
+    -- once; a change of replica identity waits for the apply transaction's lock on the table)
     v_cache := pg_catalog.current_setting('steep_repl.apply_strategy', true);
     IF v_cache IS NOT NULL AND pg_catalog.split_part(v_cache, E'\t', 1) = r.tbl THEN
         v_schema := pg_catalog.split_part(v_cache, E'\t', 2);
         v_name := pg_catalog.split_part(v_cache, E'\t', 3);
         v_strategy := pg_catalog.split_part(v_cache, E'\t', 4);
         v_list := NULLIF(pg_catalog.split_part(v_cache, E'\t', 5), '')::TEXT[];
+        v_ident := pg_catalog.split_part(v_cache, E'\t', 6);
     ELSE
-        SELECT ct.table_schema, ct.table_name INTO v_schema, v_name
-          FROM steep_repl.conflict_tables ct WHERE ct.tbl = r.tbl;
+        SELECT ct.table_schema, ct.table_name, c.relreplident INTO v_schema, v_name, v_ident
+          FROM steep_repl.conflict_tables ct
+          LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(
+                    pg_catalog.quote_ident(ct.table_schema) || '.' || pg_catalog.quote_ident(ct.table_name))
+         WHERE ct.tbl = r.tbl;
         IF NOT FOUND THEN                       -- not a table we manage here: keep the version only
             PERFORM steep_repl._ctx_set(v_key, NULL);
             IF p_update THEN RETURN true; END IF;
@@ -680,8 +705,8 @@ BEGIN
             RETURN false;
         END IF;
         SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(v_schema, v_name) s;
-        PERFORM pg_catalog.set_config('steep_repl.apply_strategy', r.tbl || E'\t' || v_schema || E'\t' || v_name
-            || E'\t' || v_strategy || E'\t' || coalesce(v_list::TEXT, ''), true);
+        v_set := pg_catalog.set_config('steep_repl.apply_strategy', r.tbl || E'\t' || v_schema || E'\t' || v_name
+            || E'\t' || v_strategy || E'\t' || coalesce(v_list::TEXT, '') || E'\t' || coalesce(v_ident::TEXT, '-'), true);
     END IF;
     IF NOT v_conflict THEN
         v_remote := true;
@@ -716,19 +741,33 @@ BEGIN
             PERFORM steep_repl._ctx_set(v_key, NULL);
         END IF;
         v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
+    ELSIF v_remote AND v_conflict AND r.op = 'U' AND NOT l.deleted AND NOT r.forced AND NOT p_update
+          AND v_ident IN ('d', 'f') AND r.img IS NOT NULL AND l.img IS NOT NULL
+          AND coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+        -- a remote update wins over a live local row: the native UPDATE that follows finds the row by
+        -- its primary key (replica identity default or full: the lookup uses the primary key; with an
+        -- identity index on other columns the conflict may have changed them, so the row is materialised
+        -- below instead; this worker holds the version, so nobody moves the row) and the user-table
+        -- trigger ("m") replaces the row it carries by R's image (what the change does not carry, e.g. an
+        -- unchanged TOASTed value, may differ here). The local row is L's image (every row is the image
+        -- of its version: docs/conflicts.md), logged as the local tuple.
+        v_cur := l.img;
+        v_set := pg_catalog.set_config('steep_repl.apply_img', v_key || E'\n' || r.img::TEXT, true);
+        v_set := pg_catalog.set_config('steep_repl.apply_ctx', E'\nm' || v_key || E'\n', true);
     ELSE
-        -- decided and materialised here: the user-row change that follows is skipped
-        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
-            PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ns' || v_key || E'\n', true);
-        ELSE
-            PERFORM steep_repl._ctx_set(v_key, 's');
-        END IF;
         IF NOT v_remote THEN
             v_cur := steep_repl._rowop(r.tbl, 'get', r.pk, NULL);
         ELSIF r.deleted THEN
             v_cur := steep_repl._rowop(r.tbl, 'take', r.pk, NULL);
         ELSE
             v_cur := steep_repl._rowop(r.tbl, 'swap', r.pk, r.img);
+        END IF;
+        -- decided and materialised here: the user-row change that follows is skipped (set after our
+        -- own write above, so that it does not fire the user-table trigger)
+        IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') = '' THEN
+            v_set := pg_catalog.set_config('steep_repl.apply_ctx', E'\ns' || v_key || E'\n', true);
+        ELSE
+            PERFORM steep_repl._ctx_set(v_key, 's');
         END IF;
     END IF;
 
@@ -738,7 +777,7 @@ BEGIN
         IF v_sub IS NULL OR v_sub = '' THEN
             v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
                                WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
-            PERFORM pg_catalog.set_config('steep_repl.apply_sub', v_sub, false);   -- fixed for the worker
+            v_set := pg_catalog.set_config('steep_repl.apply_sub', v_sub, false);   -- fixed for the worker
         END IF;
         INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
             local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
@@ -786,6 +825,7 @@ CREATE OR REPLACE FUNCTION steep_repl._row_version_apply() RETURNS TRIGGER
 LANGUAGE plpgsql AS $$
 DECLARE
     l steep_repl.row_version;
+    v_set TEXT;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         IF NEW.base_ts = OLD.ver_ts AND NEW.base_node = OLD.ver_node AND NOT NEW.forced
@@ -811,7 +851,7 @@ BEGIN
                 -- checked by the user-table trigger ("g": a row without a version may exist)
                 INSERT INTO steep_repl.row_version VALUES (NEW.*) ON CONFLICT (tbl, pk) DO NOTHING;
                 IF FOUND THEN
-                    PERFORM pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
+                    v_set := pg_catalog.set_config('steep_repl.apply_ctx', E'\ng' || NEW.tbl || E'\t' || NEW.pk || E'\n', true);
                     RETURN NULL;
                 END IF;
             END IF;
@@ -819,15 +859,19 @@ BEGIN
             -- local row: one UPDATE replaces it (locking it: version first, as every apply worker), and
             -- the native user-row change that follows applies the row. An MVCC statement: if the local
             -- version changed meanwhile, the condition is checked again on the newest; if it moved
-            -- (DELETE + INSERT), nothing matches and _version_decide looks again.
-            UPDATE steep_repl.row_version v
-               SET ver_ts = NEW.ver_ts, ver_node = NEW.ver_node, depth = NEW.depth, epoch = NEW.epoch,
-                   deleted = NEW.deleted, base_ts = NEW.base_ts, base_node = NEW.base_node,
-                   origin_xid = NEW.origin_xid, forced = NEW.forced, gen = NEW.gen, op = NEW.op, img = NEW.img
-             WHERE v.tbl = NEW.tbl AND v.pk = NEW.pk AND v.ver_ts = NEW.base_ts AND v.ver_node = NEW.base_node
-               AND (NEW.deleted OR v.deleted = (NEW.op = 'I'));
-            IF FOUND THEN
-                RETURN NULL;
+            -- (DELETE + INSERT), nothing matches and _version_decide looks again. Skipped while the
+            -- transaction's last decision was a conflict: conflicts come in runs (a transaction written
+            -- during a partition), where the UPDATE would find nothing every time.
+            IF pg_catalog.current_setting('steep_repl.apply_conflicts', true) IS DISTINCT FROM 'on' THEN
+                UPDATE steep_repl.row_version v
+                   SET ver_ts = NEW.ver_ts, ver_node = NEW.ver_node, depth = NEW.depth, epoch = NEW.epoch,
+                       deleted = NEW.deleted, base_ts = NEW.base_ts, base_node = NEW.base_node,
+                       origin_xid = NEW.origin_xid, forced = NEW.forced, gen = NEW.gen, op = NEW.op, img = NEW.img
+                 WHERE v.tbl = NEW.tbl AND v.pk = NEW.pk AND v.ver_ts = NEW.base_ts AND v.ver_node = NEW.base_node
+                   AND (NEW.deleted OR v.deleted = (NEW.op = 'I'));
+                IF FOUND THEN
+                    RETURN NULL;
+                END IF;
             END IF;
             -- not descending (a conflict, a duplicate, a tombstone first...): lock the local version and
             -- hand it over, so that _version_decide does not claim the key first
@@ -947,7 +991,7 @@ BEGIN
     -- rowop: lock/read, insert, update, delete one row of the table by canonical key / image
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s(p_action TEXT, p_pk TEXT, p_img JSONB) RETURNS JSONB
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $body$
+LANGUAGE plpgsql SECURITY DEFINER AS $body$
 #variable_conflict use_column
 DECLARE
     steep_j_ JSONB := p_pk::JSONB;
@@ -1020,9 +1064,9 @@ END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
     -- without a version, or a change that no version accompanied: never an insert_exists error loop).
     EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS TRIGGER
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET enable_seqscan = off AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
 #variable_conflict use_column
-DECLARE steep_c_ TEXT; steep_k_ TEXT; steep_ok_ TEXT; steep_s_ BOOLEAN; steep_os_ BOOLEAN;
+DECLARE steep_c_ TEXT; steep_k_ TEXT; steep_ok_ TEXT; steep_s_ BOOLEAN; steep_os_ BOOLEAN; steep_i_ TEXT;
 BEGIN
     IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
         -- our own materialisation (nested) or a replica-role write that is no apply worker
@@ -1032,6 +1076,21 @@ BEGIN
     steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
     IF TG_OP <> 'INSERT' THEN
         steep_ok_ := %2$L || E'\t' || %4$s;
+        IF pg_catalog.strpos(steep_c_, E'\nm' || steep_ok_ || E'\n') > 0 THEN
+            IF TG_OP = 'UPDATE' AND steep_c_ = E'\nm' || steep_ok_ || E'\n' AND steep_ok_ = %2$L || E'\t' || %3$s THEN
+                -- a remote update that won a conflict (the only entry): this change carries R's image
+                steep_c_ := pg_catalog.set_config('steep_repl.apply_ctx', '', true);
+                steep_i_ := pg_catalog.current_setting('steep_repl.apply_img', true);
+                IF pg_catalog.left(steep_i_, pg_catalog.length(steep_ok_) + 1) = steep_ok_ || E'\n' THEN
+                    RETURN pg_catalog.jsonb_populate_record(NEW, pg_catalog.substr(steep_i_, pg_catalog.length(steep_ok_) + 2)::JSONB);
+                END IF;
+                RETURN pg_catalog.jsonb_populate_record(NEW, (SELECT steep_v_.img FROM steep_repl.row_version steep_v_
+                    WHERE steep_v_.tbl = %2$L AND steep_v_.pk = %4$s));
+            END IF;
+            -- anything else: the image is materialised now and this change is skipped
+            PERFORM steep_repl._ctx_set(steep_ok_, 's');
+            steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+        END IF;
         steep_os_ := pg_catalog.strpos(steep_c_, E'\ns' || steep_ok_ || E'\n') > 0;
         IF TG_OP = 'DELETE' THEN
             IF steep_os_ THEN
@@ -1042,9 +1101,13 @@ BEGIN
         END IF;
     END IF;
     steep_k_ := %2$L || E'\t' || %3$s;
+    IF pg_catalog.strpos(steep_c_, E'\nm' || steep_k_ || E'\n') > 0 THEN
+        PERFORM steep_repl._ctx_set(steep_k_, 's');          -- materialised now, this change is skipped
+        steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+    END IF;
     steep_s_ := pg_catalog.strpos(steep_c_, E'\ns' || steep_k_ || E'\n') > 0;
     IF steep_c_ = E'\ns' || steep_k_ || E'\n' OR steep_c_ = E'\ng' || steep_k_ || E'\n' THEN
-        PERFORM pg_catalog.set_config('steep_repl.apply_ctx', '', true);     -- the only entry: consumed
+        steep_c_ := pg_catalog.set_config('steep_repl.apply_ctx', '', true);     -- the only entry: consumed
     ELSIF steep_s_ OR pg_catalog.strpos(steep_c_, E'\ng' || steep_k_ || E'\n') > 0 THEN
         PERFORM steep_repl._ctx_set(steep_k_, NULL);
     END IF;
@@ -1086,8 +1149,7 @@ END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch,
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '
                               'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_capture);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON %s '
-                              'FOR EACH ROW WHEN (coalesce(pg_catalog.current_setting(''steep_repl.apply_ctx'', true), '''') <> '''' '
-                              'AND pg_catalog.pg_trigger_depth() = 0) '
+                              'FOR EACH ROW WHEN (pg_catalog.current_setting(''steep_repl.apply_ctx'', true) <> '''') '
                               'EXECUTE FUNCTION %s()', v_q, v_apply);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_apply', v_q);
     -- TRUNCATE (local or applied from a peer) forgets the table's versions on that node, so the rows

@@ -3,6 +3,7 @@ site.yml: versions sent as INSERTs and replaced in place on the receiver, native
 primary-key changes decided per key (with and without conflicts), re-inserts over tombstones, duplicate
 delivery, and a bulk load into an empty, analysed table (the generic-plan trap). Every case ends with
 identical rows AND versions on both nodes, and every live row equal to its version's image."""
+import contextlib
 import uuid
 
 import pytest
@@ -14,8 +15,11 @@ from steeplab import make_lab
 
 SETUP = ["CREATE TABLE public.f (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)",
          "CREATE TABLE public.g (a int, b text, v text, PRIMARY KEY (a, b))",
-         "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"]
-GROUP_VARS = {"steep_replicated_tables": ["public.f", "public.g", "public.marker"]}
+         "CREATE TABLE public.marker (id int PRIMARY KEY, v int)",
+         # big values stored out of line, uncompressed
+         "CREATE TABLE public.t (id int PRIMARY KEY, big text, small int NOT NULL DEFAULT 0, code int NOT NULL UNIQUE)",
+         "ALTER TABLE public.t ALTER COLUMN big SET STORAGE EXTERNAL"]
+GROUP_VARS = {"steep_replicated_tables": ["public.f", "public.g", "public.marker", "public.t"]}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def converged(lab, table):
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, epoch, gen FROM steep_repl.row_version "
                              "WHERE tbl = %s ORDER BY pk", timeout=30, params=(table,))
     for n in lab.nodes:     # every live row is its version's image, every tombstone has no row, no row lacks one
-        assert cs.image_mismatches(n, table, "id" if table == "public.f" else ("a", "b")) == [], n.name
+        assert cs.image_mismatches(n, table, "id" if table in ("public.f", "public.t") else ("a", "b")) == [], n.name
     assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
     return rows
 
@@ -153,6 +157,23 @@ def replay_session(node, origin):
     return conn, cur
 
 
+@contextlib.contextmanager
+def replayed_version(n1, n2, table, pk, origin):
+    """node1's current version of (table, pk), INSERTed on node2 as node2's apply worker receives it (in
+    a replay_session); yields the cursor for the row change and checks that follow, then commits."""
+    ver = n1.sql("SELECT pg_catalog.to_jsonb(v)::text FROM steep_repl.row_version v WHERE tbl = %s AND pk = %s",
+                 (table, pk))[0][0]
+    conn, cur = replay_session(n2, origin)
+    try:
+        cur.execute("INSERT INTO steep_repl.row_version SELECT * FROM "
+                    "pg_catalog.jsonb_populate_record(NULL::steep_repl.row_version, %s::jsonb)", (ver,))
+        yield cur
+        cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def version_trigger_calls(cur):
     cur.execute("SELECT pg_catalog.pg_stat_get_xact_function_calls('steep_repl._row_version_apply()'::regprocedure)")
     return cur.fetchone()[0]
@@ -184,8 +205,8 @@ def test_a_conflict_calls_the_version_trigger_once(lab):
     """The row_version trigger fires for what a peer sends (INSERTs; UPDATEs and DELETEs from an origin on
     an earlier 1.1 build), never for the engine's own UPDATE of a version inside it: that call only let
     the UPDATE through. A conflict replayed on node2
-    as its apply worker receives it: one call, the remote version wins (later), its row change is
-    skipped (decided already), one conflict logged; an earlier build's DELETE half is still ignored."""
+    as its apply worker receives it: one call, the remote version wins (later), its row change carries
+    the winning image, one conflict logged; an earlier build's DELETE half is still ignored."""
     n1, n2 = lab.nodes
     n1.sql("INSERT INTO public.f VALUES (600, 'base', 0)")
     converged(lab, "public.f")
@@ -194,21 +215,12 @@ def test_a_conflict_calls_the_version_trigger_once(lab):
     try:
         n2.sql("UPDATE public.f SET v = 'node2' WHERE id = 600")
         n1.sql("UPDATE public.f SET v = 'node1' WHERE id = 600")      # later: wins under last_write_wins
-        ver = n1.sql("SELECT pg_catalog.to_jsonb(v)::text FROM steep_repl.row_version v "
-                     "WHERE tbl = 'public.f' AND pk = '[600]'")[0][0]
-        conn, cur = replay_session(n2, "steep_test_calls")
-        try:
-            cur.execute("INSERT INTO steep_repl.row_version SELECT * FROM "
-                        "pg_catalog.jsonb_populate_record(NULL::steep_repl.row_version, %s::jsonb)", (ver,))
+        with replayed_version(n1, n2, "public.f", "[600]", "steep_test_calls") as cur:
             calls = version_trigger_calls(cur)
             cur.execute("UPDATE public.f SET v = 'node1' WHERE id = 600")      # its row change
             cur.execute("DELETE FROM steep_repl.row_version WHERE tbl = 'public.f' AND pk = '[600]'")
             deleted = cur.rowcount
             calls_after_delete = version_trigger_calls(cur)
-            cur.execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
-            conn.commit()
-        finally:
-            conn.close()
     finally:
         cs.resume(lab)
     assert (calls, deleted, calls_after_delete) == (1, 0, 2)
@@ -259,3 +271,77 @@ def test_truncate_then_same_key_inserted_on_both_nodes_converges(lab):
     assert len(rows) == 1 and rows[0][2] in ("node1", "node2"), rows
     assert n_conflicts(n1, "public.g") + n_conflicts(n2, "public.g") > before
     assert all(s[0] for n in lab.nodes for s in n.sql("SELECT subenabled FROM pg_catalog.pg_subscription"))
+
+
+def test_a_winning_remote_update_brings_its_whole_row(lab):
+    """The native UPDATE of a remote version that won a conflict applies the winner's image, not only what
+    the change carries: an origin's UPDATE sends a TOASTed value it did not change as "unchanged", and the
+    receiver would keep its own. Replayed on node2 as its apply worker receives such a change."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.t VALUES (1, repeat('a', 6000), 0, 1)")
+    converged(lab, "public.t")
+    cs.pause(lab)
+    try:
+        n2.sql("UPDATE public.t SET big = repeat('b', 6000) WHERE id = 1")
+        n1.sql("UPDATE public.t SET small = 1 WHERE id = 1")             # later: wins under last_write_wins
+        with replayed_version(n1, n2, "public.t", "[1]", "steep_test_image") as cur:
+            cur.execute("UPDATE public.t SET small = 1 WHERE id = 1")      # big left alone: node2's own value
+        assert n2.sql("SELECT big = repeat('a', 6000), small FROM public.t WHERE id = 1") == [(True, 1)]
+    finally:
+        cs.resume(lab)
+    (c,) = cs.conflicts(n2, "public.t", "[1]")
+    assert (c["type"], c["resolution"], c["winner"]) == ("UPDATE_UPDATE", "APPLIED_REMOTE", "remote")
+    assert (c["local_tuple"]["big"], c["local_tuple"]["small"]) == ("b" * 6000, 0)      # node2's row before
+    assert (c["remote_tuple"]["big"], c["remote_tuple"]["small"]) == ("a" * 6000, 1)
+    cs.sync(lab)                                                       # node1's change again: a duplicate
+    rows = converged(lab, "public.t")
+    assert [(r[0], r[1] == "a" * 6000, r[2]) for r in rows if r[0] == 1] == [(1, True, 1)]
+    assert len(cs.conflicts(n2, "public.t", "[1]")) == 1
+
+
+def conflicts_under_identity(lab, identity, rows, writes):
+    """Both nodes use REPLICA IDENTITY <identity> for public.t: node1 inserts rows, then the writes
+    [(node index, sql), ...] run while replication is paused, in that order. Returns the converged rows
+    (identity back to DEFAULT afterwards)."""
+    for n in lab.nodes:
+        n.sql("ALTER TABLE public.t REPLICA IDENTITY " + identity)
+    try:
+        lab.nodes[0].sql("INSERT INTO public.t VALUES " + rows)
+        converged(lab, "public.t")
+        cs.pause(lab)
+        try:
+            for i, sql in writes:
+                lab.nodes[i].sql(sql)
+        finally:
+            cs.resume(lab)
+        cs.sync(lab)
+        return converged(lab, "public.t")
+    finally:
+        for n in lab.nodes:
+            n.sql("ALTER TABLE public.t REPLICA IDENTITY DEFAULT")
+
+
+def test_replica_identity_on_other_columns_still_converges(lab):
+    """With REPLICA IDENTITY USING INDEX on columns other than the key, the native apply looks the row up
+    by those columns, which the conflict changed locally: it would not find the row. The engine
+    materialises the winner itself there, and the change that follows finds the row again."""
+    rows = conflicts_under_identity(lab, "USING INDEX t_code_key", "(2, 'x', 0, 2)", [
+        (1, "UPDATE public.t SET code = 1002 WHERE id = 2"),
+        (0, "UPDATE public.t SET small = 1 WHERE id = 2")])             # later: wins under last_write_wins
+    assert [r for r in rows if r[0] == 2] == [(2, "x", 1, 2)]
+    assert [c["resolution"] for c in cs.conflicts(lab.nodes[1], "public.t", "[2]")] == ["APPLIED_REMOTE"]
+
+
+def test_replica_identity_full_converges_both_ways(lab):
+    """With REPLICA IDENTITY FULL an origin sends the whole old row, which a conflict has changed on the
+    receiver; the receiver still finds the row by its primary key, so a winning remote update is applied
+    as with the default identity. Both directions: node1 (PostgreSQL 17) and node2 (18) receive a winner."""
+    n1, n2 = lab.nodes
+    rows = conflicts_under_identity(lab, "FULL", "(3, 'x', 0, 3), (4, 'x', 0, 4)", [
+        (0, "UPDATE public.t SET big = 'node1' WHERE id = 3"),
+        (1, "UPDATE public.t SET big = 'node2' WHERE id = 4"),
+        (1, "UPDATE public.t SET small = 2 WHERE id = 3"),               # later: node1 receives the winner
+        (0, "UPDATE public.t SET small = 1 WHERE id = 4")])              # later: node2 receives the winner
+    assert [r for r in rows if r[0] in (3, 4)] == [(3, "x", 2, 3), (4, "x", 1, 4)]
+    assert [c["resolution"] for c in cs.conflicts(n1, "public.t", "[3]")] == ["APPLIED_REMOTE"]
+    assert [c["resolution"] for c in cs.conflicts(n2, "public.t", "[4]")] == ["APPLIED_REMOTE"]
