@@ -1077,17 +1077,14 @@ BEGIN
     IF TG_OP <> 'INSERT' THEN
         steep_ok_ := %2$L || E'\t' || %4$s;
         IF pg_catalog.strpos(steep_c_, E'\nm' || steep_ok_ || E'\n') > 0 THEN
-            IF TG_OP = 'UPDATE' AND steep_c_ = E'\nm' || steep_ok_ || E'\n' AND steep_ok_ = %2$L || E'\t' || %3$s THEN
+            steep_i_ := pg_catalog.current_setting('steep_repl.apply_img', true);
+            IF TG_OP = 'UPDATE' AND steep_c_ = E'\nm' || steep_ok_ || E'\n' AND steep_ok_ = %2$L || E'\t' || %3$s
+               AND pg_catalog.left(steep_i_, pg_catalog.length(steep_ok_) + 1) = steep_ok_ || E'\n' THEN
                 -- a remote update that won a conflict (the only entry): this change carries R's image
                 steep_c_ := pg_catalog.set_config('steep_repl.apply_ctx', '', true);
-                steep_i_ := pg_catalog.current_setting('steep_repl.apply_img', true);
-                IF pg_catalog.left(steep_i_, pg_catalog.length(steep_ok_) + 1) = steep_ok_ || E'\n' THEN
-                    RETURN pg_catalog.jsonb_populate_record(NEW, pg_catalog.substr(steep_i_, pg_catalog.length(steep_ok_) + 2)::JSONB);
-                END IF;
-                RETURN pg_catalog.jsonb_populate_record(NEW, (SELECT steep_v_.img FROM steep_repl.row_version steep_v_
-                    WHERE steep_v_.tbl = %2$L AND steep_v_.pk = %4$s));
+                RETURN pg_catalog.jsonb_populate_record(NEW, pg_catalog.substr(steep_i_, pg_catalog.length(steep_ok_) + 2)::JSONB);
             END IF;
-            -- anything else: the image is materialised now and this change is skipped
+            -- anything else: the image is materialised now (from the version) and this change is skipped
             PERFORM steep_repl._ctx_set(steep_ok_, 's');
             steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
         END IF;
