@@ -1374,6 +1374,7 @@ CREATE OR REPLACE FUNCTION steep_repl.revert_resolution(
 RETURNS BIGINT LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     c steep_repl.conflict_log; v_tbl TEXT; v_cur JSONB; v_target JSONB; v_label TEXT; v_after JSONB; v_new BIGINT;
+    v_was JSONB;
     v_by TEXT := pg_catalog.session_user()::TEXT;
 BEGIN
     SELECT * INTO c FROM steep_repl.conflict_log WHERE id = p_conflict_id FOR UPDATE;
@@ -1395,9 +1396,14 @@ BEGIN
         RAISE EXCEPTION 'table % has no conflict triggers on this node', v_tbl
             USING HINT = 'Fix: add it to steep_replicated_tables and run playbooks/site.yml.', ERRCODE = '55000';
     END IF;
-    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', (SELECT ct.rowop FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl))
-        INTO v_cur USING 'get', c.pk;
-    IF v_cur IS DISTINCT FROM c.resolved_tuple THEN
+    -- the row now and the row the resolution left, compared as rows of the table: both images go through
+    -- the column types in this session (a timestamptz written by a session in another TimeZone, or a
+    -- bytea under another bytea_output, is the same value in a different text)
+    EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL), pg_catalog.to_jsonb(pg_catalog.jsonb_populate_record(NULL::%I.%I, $3))',
+                              (SELECT ct.rowop FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl),
+                              c.table_schema, c.table_name)
+        INTO v_cur, v_was USING 'get', c.pk, c.resolved_tuple;
+    IF v_cur IS DISTINCT FROM v_was THEN
         RAISE EXCEPTION 'the row of conflict % changed after the resolution; reverting would lose that change', p_conflict_id
             USING DETAIL = pg_catalog.format('now: %s; left by the resolution: %s', coalesce(v_cur::TEXT, 'absent'),
                                              coalesce(c.resolved_tuple::TEXT, 'absent')),

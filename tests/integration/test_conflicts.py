@@ -16,7 +16,8 @@ from steeplab import make_lab
 
 TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk", "lk"]
 SETUP = ["CREATE TABLE public.%s (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)" % t for t in TABLES] + [
-    "CREATE TABLE public.nopk (id int, v text)", "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"]
+    "CREATE TABLE public.nopk (id int, v text)", "CREATE TABLE public.marker (id int PRIMARY KEY, v int)",
+    "CREATE TABLE public.tz (id int PRIMARY KEY, at timestamptz, b bytea)"]
 STRATEGIES = {
     "public.fww": "first_write_wins",
     "public.np": {"strategy": "node_priority", "priority": ["node2", "node1"]},
@@ -25,7 +26,7 @@ STRATEGIES = {
     "public.man": "manual",
     "public.bulk": "manual",
 }
-GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES] + ["public.marker"],
+GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES] + ["public.marker", "public.tz"],
               "steep_conflict_strategies": STRATEGIES}
 
 
@@ -235,6 +236,52 @@ def test_revert_resolution(lab):
     assert n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'conflict.revert'") == [(1,)]
     res = resolve_task(lab, "node1", {"state": "reverted", "conflict_id": c["id"]})
     assert res.rc == 0 and res.changed() == 0
+    healthy(lab)
+
+
+def test_revert_compares_rows_not_their_text(lab):
+    """The apply worker wrote the resolution's row in the server's TimeZone; a revert from a session in another
+    TimeZone and bytea_output sees the same values in a different text, and goes ahead."""
+    n1 = lab.nodes[0]
+    n1.sql("INSERT INTO public.tz VALUES (1, '2026-01-01 00:00+00', '\\x00ff')")
+    mesh.wait_converged(lab, "SELECT count(*) FROM public.tz")
+    conflicting(lab, {0: ["UPDATE public.tz SET at = '2026-03-01 10:00+00', b = '\\x0101' WHERE id = 1"],
+                      1: ["UPDATE public.tz SET at = '2026-03-02 10:00+00', b = '\\x0202' WHERE id = 1"]})
+    assert mesh.wait_converged(lab, "SELECT extract(epoch FROM at)::bigint, encode(b, 'hex') FROM public.tz") == [
+        (1772445600, "0202")]
+    c = cs.conflicts(n1, "public.tz")[-1]
+    assert c["resolution"] == "APPLIED_REMOTE"
+    conn = n1.connect()
+    try:
+        cur = conn.cursor()
+        cur.execute("SET TimeZone = 'Asia/Kolkata'; SET bytea_output = 'escape'")
+        cur.execute("SELECT steep_repl.revert_resolution(%s, 'tz')", (c["id"],))
+        new_id = cur.fetchone()[0]
+    finally:
+        conn.close()
+    assert mesh.wait_converged(lab, "SELECT extract(epoch FROM at)::bigint, encode(b, 'hex') FROM public.tz") == [
+        (1772359200, "0101")]
+    assert n1.sql("SELECT resolution, reverted_by FROM steep_repl.conflict_log WHERE id = %s", (c["id"],)) == [
+        ("REVERTED", new_id)]
+    healthy(lab)
+
+
+def test_revert_refuses_when_the_row_changed_since(lab):
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.tz VALUES (2, '2026-01-01 00:00+00', '\\x00')")
+    mesh.wait_converged(lab, "SELECT count(*) FROM public.tz")
+    conflicting(lab, {0: ["UPDATE public.tz SET b = '\\x01' WHERE id = 2"],
+                      1: ["UPDATE public.tz SET b = '\\x02' WHERE id = 2"]})
+    assert mesh.wait_converged(lab, "SELECT encode(b, 'hex') FROM public.tz WHERE id = 2") == [("02",)]
+    c = cs.conflicts(n1, "public.tz", "[2]")[-1]
+    n2.sql("UPDATE public.tz SET b = '\\x03' WHERE id = 2")
+    assert mesh.wait_converged(lab, "SELECT encode(b, 'hex') FROM public.tz WHERE id = 2") == [("03",)]
+    before = state(n1)
+    e = sql_error(n1, "SELECT steep_repl.revert_resolution(%s)", (c["id"],))
+    assert "row of conflict %s changed after the resolution" % c["id"] in e.diag.message_primary
+    assert "\\\\x03" in e.diag.message_detail and "nothing was changed" in e.diag.message_hint, e.diag.message_detail
+    assert state(n1) == before
+    assert mesh.wait_converged(lab, "SELECT encode(b, 'hex') FROM public.tz WHERE id = 2") == [("03",)]
     healthy(lab)
 
 
