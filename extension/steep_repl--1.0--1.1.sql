@@ -210,7 +210,19 @@ DROP INDEX IF EXISTS steep_repl.conflict_log_key_idx;
 -- and both write the six values of docs/conflicts.md only.)
 ALTER TABLE steep_repl.conflict_log DROP CONSTRAINT IF EXISTS conflict_log_resolution_valid;
 
+-- Tombstone horizons (docs/conflicts.md, "Tombstones"). A tombstone whose origin is node_id and whose ver_ts
+-- is <= horizon is settled: every node had applied it, and every version written before some node applied it
+-- had reached every node, when the horizon was set (the steep.repl.tombstones module proves it with two
+-- rounds of WAL marks confirmed by every slot). So any version of its key that arrives later was written
+-- after its origin saw the tombstone (or after the tombstone was purged there): it descends from it.
+CREATE TABLE IF NOT EXISTS steep_repl.tombstone_horizon (
+    node_id    TEXT PRIMARY KEY,         -- origin of the tombstones
+    horizon    TIMESTAMPTZ NOT NULL,     -- that origin's hybrid logical clock at the first mark
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.row_version', '');
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.tombstone_horizon', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_strategies', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_settings', '');
@@ -650,6 +662,20 @@ BEGIN
         END IF;
     END IF;
 
+    -- a settled tombstone (purged elsewhere, or about to be) and a version not based on it: R was written
+    -- after its origin saw the tombstone, or after the tombstone was purged there (a re-INSERT then starts
+    -- over at epoch 0, stamped by a clock that may even be behind it). R descends from it: as if the key
+    -- had no version here ("Tombstones" in docs/conflicts.md). Before the checks below, which compare R
+    -- with L as if they could be concurrent.
+    -- (Two IFs: the outer one is a simple expression, evaluated without the executor on every call; the
+    -- inner one, with _settled's query, only for a tombstone.)
+    IF l.deleted AND NOT p_update THEN
+        IF (r.base_ts IS DISTINCT FROM l.ver_ts OR r.base_node IS DISTINCT FROM l.ver_node)
+           AND (r.ver_ts <> l.ver_ts OR r.ver_node <> l.ver_node) AND steep_repl._settled(l) THEN
+            DELETE FROM steep_repl.row_version v WHERE v.tbl = r.tbl AND v.pk = r.pk;
+            RETURN steep_repl._version_decide(false, NULL, r);
+        END IF;
+    END IF;
     -- duplicate delivery (copy + replay) or an older version of the same origin: silent no-op
     IF (r.ver_ts = l.ver_ts AND r.ver_node = l.ver_node)
        OR (r.ver_node = l.ver_node AND r.ver_ts < l.ver_ts)
@@ -1208,6 +1234,91 @@ BEGIN
             EXECUTE FUNCTION steep_repl._conflict_ddl();
     END IF;
 END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Tombstones (docs/conflicts.md, "Tombstones"): settled ones are purged by steep.repl.tombstones
+-- ---------------------------------------------------------------------------------------------
+-- A settled tombstone: at or below its origin's horizon, of a table whose strategy is an order. Under
+-- keep_local, apply_remote and manual, nodes may keep different versions of a key on purpose, so a
+-- tombstone there is never settled (a later version of another node must still meet it).
+CREATE OR REPLACE FUNCTION steep_repl._settled(v steep_repl.row_version) RETURNS BOOLEAN
+LANGUAGE sql STABLE AS $$
+    SELECT v.deleted AND EXISTS (
+        SELECT 1 FROM steep_repl.tombstone_horizon h, steep_repl.conflict_tables ct,
+               steep_repl.table_strategy(ct.table_schema, ct.table_name) s
+         WHERE h.node_id = v.ver_node AND v.ver_ts <= h.horizon AND ct.tbl = v.tbl
+           AND s.strategy IN ('last_write_wins', 'first_write_wins', 'node_priority'))
+$$;
+
+-- Record horizons {node_id: timestamptz}; a horizon only moves forward. Returns how many moved.
+-- Called by steep.repl.tombstones on every node, only after it proved the horizons (see the table).
+CREATE OR REPLACE FUNCTION steep_repl.set_tombstone_horizon(p_horizons JSONB) RETURNS INTEGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    v_bad TEXT;
+    v_moved INTEGER;
+BEGIN
+    IF p_horizons IS NULL OR pg_catalog.jsonb_typeof(p_horizons) <> 'object' THEN
+        RAISE EXCEPTION 'tombstone horizons must be a JSON object {node_id: timestamp}, got %', coalesce(p_horizons::TEXT, 'NULL')
+            USING HINT = 'Fix: run the steep.repl.tombstones module (playbooks/purge_tombstones.yml); it computes them.',
+                  ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.quote_literal(e.key), ', ' ORDER BY e.key) INTO v_bad
+      FROM pg_catalog.jsonb_each(p_horizons) e
+     WHERE NOT EXISTS (SELECT 1 FROM steep_repl.nodes n WHERE n.node_id = e.key);
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'tombstone horizons name nodes this node does not know: %', v_bad
+            USING HINT = 'Fix: run the foundation play (playbooks/steep_foundation.yml) so every node knows the mesh, then re-run.',
+                  ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.format('%s: %s', e.key, e.value), ', ' ORDER BY e.key) INTO v_bad
+      FROM pg_catalog.jsonb_each(p_horizons) e
+     WHERE CASE WHEN pg_catalog.jsonb_typeof(e.value) <> 'string'
+                      OR NOT pg_catalog.pg_input_is_valid(e.value #>> '{}', 'timestamptz') THEN true
+                 ELSE NOT pg_catalog.isfinite((e.value #>> '{}')::TIMESTAMPTZ)
+                      OR (e.value #>> '{}')::TIMESTAMPTZ > pg_catalog.clock_timestamp() + interval '1 minute' END;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'tombstone horizons must be finite timestamps, at most a minute ahead of this node''s clock: %', v_bad
+            USING HINT = 'Fix: run the steep.repl.tombstones module (playbooks/purge_tombstones.yml); it computes them.',
+                  ERRCODE = '22023';
+    END IF;
+    WITH moved AS (
+        INSERT INTO steep_repl.tombstone_horizon AS h (node_id, horizon)
+        SELECT e.key, (e.value #>> '{}')::TIMESTAMPTZ FROM pg_catalog.jsonb_each(p_horizons) e
+        ON CONFLICT (node_id) DO UPDATE SET horizon = EXCLUDED.horizon, updated_at = pg_catalog.now()
+         WHERE h.horizon < EXCLUDED.horizon
+        RETURNING h.node_id, h.horizon)
+    SELECT count(*) INTO v_moved FROM moved;
+    IF v_moved > 0 THEN
+        PERFORM steep_repl.audit('tombstones.horizon', 'node', steep_repl.local_node_id(), NULL, p_horizons);
+    END IF;
+    RETURN v_moved;
+END $$;
+
+-- Delete up to p_limit settled tombstones (skipping versions another transaction holds). Returns how many.
+-- A tombstone's DELETE is not sent (the versions publication carries INSERTs only): every node purges its own.
+CREATE OR REPLACE FUNCTION steep_repl.purge_tombstones(p_limit INTEGER DEFAULT 10000) RETURNS BIGINT
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    v_purged BIGINT;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'purge_tombstones: the batch size must be a positive number, got %', coalesce(p_limit::TEXT, 'NULL')
+            USING HINT = 'Fix: pass a batch size of 1 or more (the default is 10000).', ERRCODE = '22023';
+    END IF;
+    WITH victims AS (
+        SELECT v.tbl, v.pk FROM steep_repl.row_version v
+         WHERE v.deleted AND steep_repl._settled(v)
+         LIMIT p_limit FOR UPDATE OF v SKIP LOCKED),
+    gone AS (
+        DELETE FROM steep_repl.row_version v USING victims x
+         WHERE v.tbl = x.tbl AND v.pk = x.pk AND v.deleted AND steep_repl._settled(v)
+        RETURNING 1)
+    SELECT count(*) INTO v_purged FROM gone;
+    RETURN v_purged;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl.set_tombstone_horizon(JSONB) FROM PUBLIC;
+REVOKE ALL ON FUNCTION steep_repl.purge_tombstones(INTEGER) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
 -- Resolution API (a resolution is a local write flagged forced: it reaches every node)

@@ -157,7 +157,13 @@ def _copy_transaction(source_kw, target_kw):
 
 
 def _versions_select(scur, tbl, vcols):
-    return scur.mogrify("SELECT %s FROM steep_repl.row_version WHERE tbl = %%s" % vcols, (tbl,)).decode()
+    """The source's versions of one table, without its settled tombstones (docs/conflicts.md, Tombstones):
+    other nodes may have purged them already, and a copy that kept one would let it beat a re-insert made
+    after the purge."""
+    settled = fetch_value(scur.connection, "SELECT pg_catalog.to_regprocedure("
+                                           "'steep_repl._settled(steep_repl.row_version)') IS NOT NULL")
+    return scur.mogrify("SELECT %s FROM steep_repl.row_version v WHERE v.tbl = %%s%s" % (
+        vcols, " AND NOT (v.deleted AND steep_repl._settled(v))" if settled else ""), (tbl,)).decode()
 
 
 def _stage(scur, dcur, prefix, schema, name, on_progress=None, extra=None):
@@ -387,22 +393,24 @@ def init_state(conn, node_id):
 
 def emit_and_wait_flushed(publisher_conn, publisher_id, slot, timeout=120):
     """Write a WAL marker on the publisher and wait until ``slot`` confirmed it: everything
-    the publisher committed before is applied by that slot's subscriber."""
+    the publisher committed before is applied by that slot's subscriber. Waits as long as the slot
+    moves; ``timeout`` seconds without progress raise."""
+    from ansible_collections.steep.repl.plugins.module_utils.replication import wait_slot_confirmed
     lsn = fetch_value(publisher_conn, "SELECT pg_catalog.pg_logical_emit_message(false, 'steep_repl', 'sync')::text")
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = fetch_value(publisher_conn, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots "
-                                         "WHERE slot_name = %s", (lsn, slot))
-        if ok:
-            return lsn
-        if ok is None:
-            raise SteepError("slot %s does not exist on %s, so the source does not replicate from it. Fix: run "
-                             "playbooks/site.yml on the existing mesh first." % (slot, publisher_id))
-        if time.monotonic() > deadline:
-            raise SteepError("%s: slot %s did not confirm %s within %ss (replication to the source lags or is "
-                             "broken). Fix: check pg_stat_subscription on the source, then re-run."
-                             % (publisher_id, slot, lsn, timeout))
-        time.sleep(0.2)
+
+    def error(at):
+        if at is None:
+            return SteepError("slot %s does not exist on %s, so the source does not replicate from it. Fix: run "
+                              "playbooks/site.yml on the existing mesh first." % (slot, publisher_id))
+        return SteepError("%s: slot %s did not confirm %s: it has not moved for %ss (confirmed up to %s; replication "
+                          "to the source lags or is broken). Fix: check pg_stat_subscription on the source, then "
+                          "re-run." % (publisher_id, slot, lsn, timeout, at))
+
+    if fetch_value(publisher_conn, "SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                   (slot,)) == 0:
+        raise error(None)
+    wait_slot_confirmed(publisher_conn, slot, lsn, timeout, error)
+    return lsn
 
 
 def create_slot(conn, name, recreate=False):

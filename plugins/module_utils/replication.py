@@ -713,6 +713,61 @@ def predicted_summary(members, states, desired, info):
 
 
 # --------------------------------------------------------------------------- execution
+APPLY_WORKERS = ("'logical replication apply worker', 'logical replication parallel worker', "
+                 "'logical replication tablesync worker'")
+
+
+def old_transactions(conn, since, local_writers=False):
+    """Sessions and prepared transactions holding a transaction id since before ``since``, as text
+    (``local_writers``: of this database, apply workers left out)."""
+    extra = (" AND datname = pg_catalog.current_database() AND backend_type NOT IN (%s)" % APPLY_WORKERS
+             if local_writers else "")
+    old = fetch_all(conn, "SELECT 'pid ' || pid || ' (' || concat_ws(', ', backend_type, nullif(application_name, ''), "
+                          "usename) || ')' AS who, xact_start::text AS since FROM pg_catalog.pg_stat_activity "
+                          "WHERE backend_xid IS NOT NULL AND xact_start < %s" + extra + " ORDER BY xact_start", (since,))
+    old += fetch_all(conn, "SELECT 'prepared transaction ' || gid || ' (' || owner || ')' AS who, prepared::text AS since "
+                           "FROM pg_catalog.pg_prepared_xacts WHERE prepared < %s", (since,))
+    return ", ".join("%s since %s" % (o["who"], o["since"]) for o in old)
+
+
+def wait_transactions_ended(conn, mark, stall, error, local_writers=False):
+    """Wait until every transaction that had an id at ``mark`` (a WAL_MARK row) has ended. With
+    ``local_writers``, only those that can have written on this database as a local origin: sessions of this
+    database, prepared transactions, not apply workers (they write other origins' changes). After ``stall``
+    seconds raise ``error(text naming the old transactions)``."""
+    if local_writers:
+        query = ("SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.backend_xid IS NOT NULL "
+                 "AND a.xact_start < %(at)s AND a.datname = pg_catalog.current_database() AND a.backend_type NOT IN ("
+                 + APPLY_WORKERS + ")) AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts p WHERE "
+                 "pg_catalog.age(p.transaction) > pg_catalog.age((%(xmax)s::bigint %% 4294967296)::text::xid))")
+    else:
+        query = "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) >= %(xmax)s::xid8"
+    deadline = time.time() + stall
+    while not fetch_value(conn, query, {"at": mark["at"], "xmax": mark["xmax"]}):
+        if time.time() > deadline:
+            raise error(old_transactions(conn, mark["at"], local_writers))
+        time.sleep(0.1)
+
+
+def wait_slot_confirmed(conn, slot, target, stall, error):
+    """Wait until logical slot ``slot`` has confirmed WAL position ``target``: its subscriber has applied
+    everything the publisher committed before it. Waits as long as the slot moves; ``stall`` seconds
+    without progress (or no such slot) raise ``error(position confirmed, or None)``."""
+    query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn AS passed, confirmed_flush_lsn::text AS at "
+             "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s")
+    seen, deadline = None, time.time() + stall
+    while True:
+        rows = fetch_all(conn, query, (target, slot))
+        if rows and rows[0]["passed"]:
+            return
+        at = rows[0]["at"] if rows else None
+        if at != seen:
+            seen, deadline = at, time.time() + stall
+        elif time.time() > deadline:
+            raise error(at)
+        time.sleep(0.1)
+
+
 class Mesh:
     """Connections to every member, the mesh lock, observation and execution."""
 
@@ -851,46 +906,20 @@ class Mesh:
         mark = self._wal_marks.get(publisher.node_id)
         if mark is None:
             mark = self._wal_marks[publisher.node_id] = fetch_one(publisher.conn, WAL_MARK)
-        deadline = time.time() + stall
-        while not fetch_value(publisher.conn, "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) "
-                                              ">= %s::xid8", (mark["xmax"],)):
-            if time.time() > deadline:
-                old = fetch_all(publisher.conn, "SELECT 'pid ' || pid || ' (' || concat_ws(', ', backend_type, "
-                                                "nullif(application_name, ''), usename) || ')' AS who, "
-                                                "xact_start::text AS since FROM pg_catalog.pg_stat_activity "
-                                                "WHERE backend_xid IS NOT NULL AND xact_start < %s ORDER BY xact_start",
-                                (mark["at"],))
-                old += fetch_all(publisher.conn, "SELECT 'prepared transaction ' || gid || ' (' || owner || ')' AS who, "
-                                                 "prepared::text AS since FROM pg_catalog.pg_prepared_xacts "
-                                                 "WHERE prepared < %s", (mark["at"],))
-                raise SteepError("transactions that began on %s before its publications changed are still running after "
-                                 "%ss (%s); subscription %s on %s keeps its old publication list until they end, because "
-                                 "a walsender decodes them with the catalog of their start (nothing is lost: %s stays "
-                                 "in the main publication). Fix: let them finish, or end them, and re-run." % (
-                                     publisher.node_id, stall, ", ".join("%s since %s" % (
-                                         o["who"], o["since"]) for o in old) or "see pg_stat_activity",
-                                     subname, node, ROW_VERSION))
-            time.sleep(0.1)
+        wait_transactions_ended(publisher.conn, mark, stall, lambda old: SteepError(
+            "transactions that began on %s before its publications changed are still running after %ss (%s); "
+            "subscription %s on %s keeps its old publication list until they end, because a walsender decodes them "
+            "with the catalog of their start (nothing is lost: %s stays in the main publication). Fix: let them "
+            "finish, or end them, and re-run." % (publisher.node_id, stall, old or "see pg_stat_activity", subname,
+                                                  node, ROW_VERSION)))
         slot = slot_name(node)
         target = fetch_value(publisher.conn, "SELECT pg_catalog.pg_current_wal_lsn()::text")
-        query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn AS passed, confirmed_flush_lsn::text AS at "
-                 "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s")
-        seen, deadline = None, time.time() + stall
-        while True:
-            rows = fetch_all(publisher.conn, query, (target, slot))
-            if rows and rows[0]["passed"]:
-                return
-            at = rows[0]["at"] if rows else None
-            if at != seen:
-                seen, deadline = at, time.time() + stall
-            elif time.time() > deadline:
-                raise SteepError("slot %s on %s has not moved for %ss (confirmed up to %s, needed %s), so subscription "
-                                 "%s on %s still reads its old publication list (nothing is lost: %s stays in the main "
-                                 "publication). Fix: check that this subscription is enabled and streaming "
-                                 "(pg_stat_subscription on %s, pg_replication_slots and the server log on %s) and re-run."
-                                 % (slot, publisher.node_id, stall, at, target, subname, node, ROW_VERSION, node,
-                                    publisher.node_id))
-            time.sleep(0.1)
+        wait_slot_confirmed(publisher.conn, slot, target, stall, lambda at: SteepError(
+            "slot %s on %s has not moved for %ss (confirmed up to %s, needed %s), so subscription %s on %s still reads "
+            "its old publication list (nothing is lost: %s stays in the main publication). Fix: check that this "
+            "subscription is enabled and streaming (pg_stat_subscription on %s, pg_replication_slots and the server "
+            "log on %s) and re-run." % (slot, publisher.node_id, stall, at, target, subname, node, ROW_VERSION, node,
+                                        publisher.node_id)))
 
     def _wait_restarted(self, restarting, timeout=60):
         """Wait until every apply worker that ran when its subscription's publication list changed has

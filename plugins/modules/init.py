@@ -92,7 +92,9 @@ options:
     description: With O(step=complete), the LSN up to which the restored backup contains the source's data.
     type: str
   timeout:
-    description: Seconds to wait for the catch-up in C(finish) and C(reinit).
+    description:
+      - Seconds the catch-up in C(finish) and C(reinit) may go without progress (a replication slot that
+        does not move) before the step fails; a catch-up that keeps moving is waited for.
     type: int
     default: 600
   reinit_tables:

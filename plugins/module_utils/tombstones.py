@@ -1,0 +1,157 @@
+# -*- coding: utf-8 -*-
+# Copyright: steep.repl contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Purging settled tombstones of ``steep_repl.row_version`` on every node (docs/conflicts.md, Tombstones).
+
+A tombstone (the version of a deleted key) is what lets a node decide a concurrent update or re-insert
+of that key that arrives later. It is settled once every node has applied it and every version that some
+node wrote before it applied the tombstone has reached every node: then every version of the key that can
+still arrive was written after its origin saw the tombstone, and descends from it. The proof, for every
+origin P at once, is two rounds over the whole mesh:
+
+1. on every node P: note P's clock H(P) and the transactions with an id (WAL_MARK); wait until those that
+   can write as P have ended (sessions and prepared transactions, not apply workers): every version of P with
+   ``ver_ts <= H(P)`` is committed, as a version is stamped no earlier than the clock of its write; then
+   wait until every slot on P has confirmed P's current WAL position: every node has applied them. So when
+   round 1 ends, every tombstone of P up to H(P) is on every node.
+2. the same again. A version that some node Q wrote before it applied such a tombstone was written before
+   round 1 ended, so it is committed and confirmed by every slot of Q when round 2 ends.
+
+Then every node records the horizons H (``steep_repl.set_tombstone_horizon``; from then on a version that
+meets a settled tombstone descends from it), and only after every node has them, each node deletes its
+settled tombstones in batches (``steep_repl.purge_tombstones``): a node that purged first may re-insert the
+key at epoch 0, and the others must already know that this beats their tombstone.
+
+Shared by the ``steep.repl.tombstones`` module; no Ansible imports.
+"""
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+
+from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, fetch_all, fetch_one, fetch_value
+from ansible_collections.steep.repl.plugins.module_utils.replication import (
+    WAL_MARK, Mesh, build_members, slot_name, subscription_name, wait_slot_confirmed, wait_transactions_ended)
+
+ORDERED = ("last_write_wins", "first_write_wins", "node_priority")
+COUNTS = ("SELECT count(*) FILTER (WHERE v.deleted) AS tombstones, "
+          "count(*) FILTER (WHERE v.deleted AND steep_repl._settled(v)) AS settled "
+          "FROM steep_repl.row_version v")
+CANDIDATES = ("SELECT count(*) FROM steep_repl.row_version v JOIN steep_repl.conflict_tables ct ON ct.tbl = v.tbl, "
+              "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
+              "WHERE v.deleted AND s.strategy = ANY(%s) AND v.ver_node = ANY(%s) AND v.ver_ts <= pg_catalog.clock_timestamp()")
+
+
+def _check_ready(mesh):
+    """Refuse (naming the fix) unless every node runs an engine with tombstone horizons, is initialised, and
+    receives from every other node through an enabled subscription whose slot exists."""
+    ids = [m.node_id for m in mesh.members]
+    for m in mesh.members:
+        if not fetch_value(m.conn, "SELECT pg_catalog.to_regprocedure('steep_repl.purge_tombstones(integer)') IS NOT NULL"):
+            raise SteepError("%s runs a steep_repl extension without tombstone purging. Fix: run the foundation play "
+                             "(playbooks/steep_foundation.yml) to update the extension on every node, then re-run."
+                             % m.node_id)
+        known = set(r["node_id"] for r in fetch_all(m.conn, "SELECT node_id FROM steep_repl.nodes"))
+        if set(ids) - known:
+            raise SteepError("%s does not know node(s) %s. Fix: run the foundation play (playbooks/steep_foundation.yml) "
+                             "on the whole mesh, then re-run." % (m.node_id, ", ".join(sorted(set(ids) - known))))
+        state = fetch_value(m.conn, "SELECT init_state FROM steep_repl.nodes WHERE node_id = %s", (m.node_id,))
+        if state not in ("SYNCHRONIZED", "UNINITIALIZED"):
+            raise SteepError("%s is %s, not SYNCHRONIZED: tombstones are not purged while a node is initialised or "
+                             "diverged (it may still copy or need them). Fix: finish playbooks/init_node.yml or "
+                             "reinit_node.yml for it, then re-run." % (m.node_id, state))
+        subs = dict((r["subname"], r["subenabled"]) for r in fetch_all(
+            m.conn, "SELECT subname, subenabled FROM pg_catalog.pg_subscription "
+                    "WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())"))
+        slots = set(r["slot_name"] for r in fetch_all(m.conn, "SELECT slot_name FROM pg_catalog.pg_replication_slots"))
+        for peer in ids:
+            if peer == m.node_id:
+                continue
+            sub = subscription_name(peer)
+            if sub not in subs:
+                raise SteepError("%s has no subscription %s, so it does not receive %s's changes. Fix: run "
+                                 "playbooks/steep_replication.yml (or site.yml), then re-run." % (m.node_id, sub, peer))
+            if not subs[sub]:
+                raise SteepError("subscription %s on %s is disabled, so it does not receive %s's changes and "
+                                 "nothing can be proven settled. Fix: ALTER SUBSCRIPTION %s ENABLE on %s (see its "
+                                 "server log for why it stopped), then re-run." % (sub, m.node_id, peer, sub, m.node_id))
+            if slot_name(peer) not in slots:
+                raise SteepError("%s has no slot %s, so %s does not receive its changes. Fix: run "
+                                 "playbooks/steep_replication.yml (or site.yml), then re-run." % (
+                                     m.node_id, slot_name(peer), peer))
+
+
+def _round(mesh, stall):
+    """One round: every node's clock and transactions noted, ended, and its WAL confirmed by every slot.
+    Returns {node_id: clock at the mark}."""
+    marks = {m.node_id: fetch_one(m.conn, WAL_MARK) for m in mesh.members}
+    for m in mesh.members:
+        wait_transactions_ended(m.conn, marks[m.node_id], stall, lambda old, m=m: SteepError(
+            "transactions on %s that began before this run are still running after %ss (%s); their versions may "
+            "not have reached every node, so no tombstone was purged. Fix: let them finish, or end them, and "
+            "re-run." % (m.node_id, stall, old or "see pg_stat_activity")), local_writers=True)
+    for m in mesh.members:
+        target = fetch_value(m.conn, "SELECT pg_catalog.pg_current_wal_lsn()::text")
+        for peer in mesh.members:
+            if peer is m:
+                continue
+            slot = slot_name(peer.node_id)
+            wait_slot_confirmed(m.conn, slot, target, stall, lambda at, m=m, peer=peer, slot=slot: SteepError(
+                "slot %s on %s has not moved for %ss (confirmed up to %s, needed %s): %s has not applied %s's "
+                "changes, so no tombstone was purged. Fix: check subscription %s on %s (pg_stat_subscription, "
+                "the server log), then re-run." % (slot, m.node_id, stall, at, target, peer.node_id, m.node_id,
+                                                   subscription_name(m.node_id), peer.node_id)))
+    return dict((i, mark["at"]) for i, mark in marks.items())
+
+
+def _counts(mesh):
+    return dict((m.node_id, dict(fetch_one(m.conn, COUNTS))) for m in mesh.members)
+
+
+def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
+    """Settle and purge tombstones on the whole mesh. Returns a result dict."""
+    if batch < 1:
+        raise SteepError("batch_size must be 1 or more, got %s. Fix: pass a positive batch size (default 10000)."
+                         % batch)
+    if stall < 1:
+        raise SteepError("stall_timeout must be 1 second or more, got %s. Fix: pass a positive number of seconds."
+                         % stall)
+    members = build_members(specs)
+    with Mesh(members, check_mode=check_mode, lock_timeout=lock_timeout) as mesh:
+        mesh.observe()          # the extension is installed everywhere (or a clear error)
+        _check_ready(mesh)
+        before = _counts(mesh)
+        # tombstones a run settles: of ordered tables, written until now by a node of the mesh (a departed
+        # node's tombstones have no horizon and stay)
+        ids = [m.node_id for m in mesh.members]
+        candidates = dict((m.node_id, fetch_value(m.conn, CANDIDATES, (list(ORDERED), ids))) for m in mesh.members)
+        result = {"nodes": [m.node_id for m in members], "queries": [], "horizons": {},
+                  "purged": dict((i, 0) for i in before)}
+        if not any(candidates.values()) and not any(c["settled"] for c in before.values()):
+            result.update(changed=False, diff={"before": before, "after": before})
+            return result
+        if check_mode:
+            # what a run would purge at most: the tombstones of ordered tables written until now
+            after = dict((i, dict(tombstones=c["tombstones"] - candidates[i], settled=0)) for i, c in before.items())
+            result["queries"] = ["/* %s */ SELECT steep_repl.set_tombstone_horizon(...)" % i for i in sorted(before)] + [
+                "/* %s */ SELECT steep_repl.purge_tombstones(%d)" % (i, batch) for i in sorted(before)]
+            result.update(changed=True, would_purge=candidates, diff={"before": before, "after": after})
+            return result
+        horizons = _round(mesh, stall)
+        _round(mesh, stall)
+        text = json.dumps(dict((i, h.isoformat()) for i, h in horizons.items()), sort_keys=True)
+        for m in mesh.members:     # every node knows the horizons before any node purges
+            fetch_value(m.conn, "SELECT steep_repl.set_tombstone_horizon(%s::jsonb)", (text,))
+            result["queries"].append("/* %s */ SELECT steep_repl.set_tombstone_horizon('%s')" % (m.node_id, text))
+        for m in mesh.members:
+            while True:
+                n = fetch_value(m.conn, "SELECT steep_repl.purge_tombstones(%s)", (batch,))
+                result["purged"][m.node_id] += n
+                if n < batch:
+                    break
+            result["queries"].append("/* %s */ SELECT steep_repl.purge_tombstones(%d)" % (m.node_id, batch))
+        after = _counts(mesh)
+        result["horizons"] = dict((i, h.isoformat()) for i, h in horizons.items())
+        result.update(changed=any(result["purged"].values()), diff={"before": before, "after": after})
+        return result
