@@ -257,6 +257,9 @@ class Agent:
         unanswered = sorted(p["name"] for p in self.cfg["peers"]
                             if p.get("agent_port") and not peers.get(p["name"], {}).get("agent_ok"))
         held = election.startup_eligible(eligible, claims, unanswered, hold_left > 0)
+        # what the hold does this cycle, for /status (None when it does not restrict the vote)
+        hold = (dict(seconds_left=round(hold_left, 1), unanswered=unanswered, candidates=sorted(held))
+                if held != eligible else None)
         if held != eligible:
             events.append("startup hold: agent(s) of %s not answering, voting only for a visible coordinator "
                           "(%s) for %.1fs more" % (", ".join(unanswered), ", ".join(claims) or "none", hold_left))
@@ -326,7 +329,7 @@ class Agent:
         self.snapshot = dict(
             node=self.me["name"], ts=now, version=__version__, status=status, mode=self.cfg["mode"], hub=self.cfg["hub"],
             role=self.health["role"], coordinator=coordinator, term=self.term, vote=dec["vote"], voters=dec["voters"],
-            quorum=dec["quorum"], total_nodes=total, eligible=sorted(eligible), peers=peer_view, checks=checks,
+            quorum=dec["quorum"], total_nodes=total, eligible=sorted(eligible), startup_hold=hold, peers=peer_view, checks=checks,
             alerts=self.health["alerts"],
             postgresql=dict(ok=ok, error=err, version=data.get("server_version"), extension=data.get("extension"),
                             lsn=data.get("current_lsn")),

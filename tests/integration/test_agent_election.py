@@ -122,10 +122,16 @@ def test_restarted_agent_holds_its_vote(lab_factory, tmp_path):
             assert wait_for(lambda: any(held(ln) for ln in cycles()), 15), cycles()[:3]
             assert all(ln["vote"] is None for ln in cycles() if held(ln)), [ln for ln in cycles() if held(ln)][:3]
             assert "node1" in next(e for ln in cycles() if held(ln) for e in ln["events"] if e.startswith("startup hold"))
+            # /status tells the same: the hold, whom it waits for, and no candidate (eligible is what the vote saw)
+            during = agents["node3"].wait_status(lambda b: b["startup_hold"] is not None, 10)
+            assert during and "node1" in during["startup_hold"]["unanswered"] and during["eligible"] == [] \
+                and during["startup_hold"]["candidates"] == [] and during["startup_hold"]["seconds_left"] > 0 \
+                and during["vote"] is None, during
             live = {n: agents[n] for n in ("node2", "node3")}
             assert wait_for(lambda: roles(live) == {"node2": "coordinator", "node3": "follower"}, 40), roles(live)
             last = cycles()[-1]
             assert last["vote"] == "node2" and not held(last)
+            assert agents["node3"].wait_status(lambda b: b["startup_hold"] is None and b["vote"] == "node2", 10)
         assert w.samples and max(len(s[1]) for s in w.samples) <= 1, [s[1] for s in w.samples if len(s[1]) > 1][:3]
     finally:
         for a in agents.values():
