@@ -292,6 +292,10 @@ CREATE TABLE IF NOT EXISTS steep_repl.conflict_tables (
     rowop        TEXT NOT NULL,          -- generated function steep_repl."rowop_<h>"(text, text, jsonb)
     enabled_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- md5 of the enable_table() source that generated the table's functions: an extension update that
+-- changes the templates leaves the table's functions outdated until enable_table() runs again (the
+-- replication module re-runs it for every table whose stamp is not the current one)
+ALTER TABLE steep_repl.conflict_tables ADD COLUMN IF NOT EXISTS generator TEXT;
 
 -- Per-table strategies; the default lives in conflict_settings('default_strategy').
 CREATE TABLE IF NOT EXISTS steep_repl.conflict_strategies (
@@ -1082,6 +1086,13 @@ LANGUAGE sql STABLE SET search_path = '' AS $$
     WHERE con.conrelid = p_table AND con.contype = 'p'
 $$;
 
+-- The stamp of the templates enable_table() generates from (conflict_tables.generator).
+CREATE OR REPLACE FUNCTION steep_repl._generator() RETURNS TEXT
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT pg_catalog.md5(p.prosrc) FROM pg_catalog.pg_proc p
+     WHERE p.oid = pg_catalog.to_regprocedure('steep_repl.enable_table(pg_catalog.regclass)')
+$$;
+
 CREATE OR REPLACE FUNCTION steep_repl.enable_table(p_table pg_catalog.regclass)
 RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $gen$
 DECLARE
@@ -1303,9 +1314,10 @@ END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch,
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_truncate AFTER TRUNCATE ON %s '
                               'FOR EACH STATEMENT EXECUTE FUNCTION steep_repl._truncate_versions()', v_q);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER steep_repl_truncate', v_q);
-    INSERT INTO steep_repl.conflict_tables (tbl, table_schema, table_name, pk_columns, rowop)
-    VALUES (v_tbl, v_schema, v_name, v_pk, v_rowop)
-    ON CONFLICT (tbl) DO UPDATE SET pk_columns = EXCLUDED.pk_columns, rowop = EXCLUDED.rowop;
+    INSERT INTO steep_repl.conflict_tables (tbl, table_schema, table_name, pk_columns, rowop, generator)
+    VALUES (v_tbl, v_schema, v_name, v_pk, v_rowop, steep_repl._generator())
+    ON CONFLICT (tbl) DO UPDATE SET pk_columns = EXCLUDED.pk_columns, rowop = EXCLUDED.rowop,
+                                    generator = EXCLUDED.generator;
     PERFORM steep_repl._rowop_regenerate();
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', coalesce(v_guard, ''), true);
 END $gen$;
@@ -1460,6 +1472,7 @@ BEGIN
             pg_catalog.current_setting('session_replication_role')
             USING HINT = 'Fix: SET session_replication_role = origin; and retry.';
     END IF;
+    PERFORM steep_repl._check_image(p_tbl, p_pk, p_img);
     v_prev := pg_catalog.current_setting('steep_repl.forced', true);
     PERFORM pg_catalog.set_config('steep_repl.forced', 'on', true);
     EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'lock', p_pk;
@@ -1477,6 +1490,52 @@ BEGIN
     PERFORM pg_catalog.set_config('steep_repl.forced', coalesce(v_prev, ''), true);
     EXECUTE pg_catalog.format('SELECT %s($1, $2, NULL)', t.rowop) INTO v_cur USING 'get', p_pk;
     RETURN v_cur;
+END $$;
+
+-- What keeps a row image from being written into its table now, or NULL: a value its column's type
+-- does not accept, a NULL (or missing) value of a NOT NULL column, and with p_strict a key that is no
+-- column (a typo in a merged row would be dropped silently). The images of conflict_log were taken
+-- when the conflict happened; an ALTER TABLE since can make them unfit. Arrays and objects are left
+-- to the write itself (their JSON text is not their input syntax).
+CREATE OR REPLACE FUNCTION steep_repl._image_problem(p_tbl TEXT, p_img JSONB, p_strict BOOLEAN DEFAULT false)
+RETURNS TEXT LANGUAGE sql STABLE SET search_path = '' AS $$
+    WITH cols AS (
+        SELECT a.attname::TEXT AS col, pg_catalog.format_type(a.atttypid, a.atttypmod) AS typ,
+               a.attnotnull AS notnull, a.attgenerated <> '' AS generated
+          FROM steep_repl.conflict_tables ct
+          JOIN pg_catalog.pg_attribute a
+            ON a.attrelid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', ct.table_schema, ct.table_name))
+         WHERE ct.tbl = p_tbl AND a.attnum > 0 AND NOT a.attisdropped),
+    problems AS (
+        SELECT 1 AS o, c.col, pg_catalog.format('column %I (%s): %s', c.col, c.typ,
+                   (pg_catalog.pg_input_error_info(p_img ->> c.col, c.typ)).message) AS what
+          FROM cols c
+         WHERE NOT c.generated AND pg_catalog.jsonb_typeof(p_img -> c.col) IN ('string', 'number', 'boolean')
+           AND NOT pg_catalog.pg_input_is_valid(p_img ->> c.col, c.typ)
+        UNION ALL
+        SELECT 2, c.col, pg_catalog.format('column %I (%s) is NOT NULL, the row has %s', c.col, c.typ,
+                   CASE WHEN p_img ? c.col THEN 'null' ELSE 'no value' END)
+          FROM cols c
+         WHERE c.notnull AND NOT c.generated AND coalesce(pg_catalog.jsonb_typeof(p_img -> c.col), 'null') = 'null'
+        UNION ALL
+        SELECT 3, k, pg_catalog.format('%I is not a column of the table', k)
+          FROM pg_catalog.jsonb_object_keys(p_img) AS k
+         WHERE p_strict AND NOT EXISTS (SELECT 1 FROM cols c WHERE c.col = k))
+    SELECT pg_catalog.string_agg(what, '; ' ORDER BY o, col) FROM problems
+$$;
+
+-- Refuse, naming the fix, a row image (not a tombstone) that cannot be written into its table now.
+CREATE OR REPLACE FUNCTION steep_repl._check_image(p_tbl TEXT, p_pk TEXT, p_img JSONB, p_strict BOOLEAN DEFAULT false)
+RETURNS VOID LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE v_bad TEXT := CASE WHEN p_img IS NOT NULL THEN steep_repl._image_problem(p_tbl, p_img, p_strict) END;
+BEGIN
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'the row for % (key %) does not fit the table: %', p_tbl, p_pk, v_bad
+            USING DETAIL = pg_catalog.format('row: %s', p_img),
+                  HINT = 'Fix: the table changed since the conflict (ALTER TABLE), or the merged row has a wrong value: '
+                         'write the row you want directly (it replicates), or give a merged row that fits; nothing was changed.',
+                  ERRCODE = '22023';
+    END IF;
 END $$;
 
 -- The canonical key of a row image of a table (PK columns in order).
@@ -1536,6 +1595,7 @@ BEGIN
         v_target := c.remote_tuple; v_label := 'APPLIED_REMOTE';
     ELSE
         v_target := coalesce(v_cur, c.local_tuple, c.remote_tuple, '{}'::JSONB) || p_merged;
+        PERFORM steep_repl._check_image(v_tbl, c.pk, v_target, true);     -- strict: a misspelt column is no column
         IF steep_repl._image_pk(v_tbl, v_target) IS DISTINCT FROM c.pk THEN
             RAISE EXCEPTION 'the merged row changes the primary key of conflict % (% -> %)', p_conflict_id,
                 c.pk, steep_repl._image_pk(v_tbl, v_target)
@@ -1629,6 +1689,8 @@ BEGIN
         RAISE EXCEPTION 'table % has no conflict triggers on this node', v_tbl
             USING HINT = 'Fix: add it to steep_replicated_tables and run playbooks/site.yml.', ERRCODE = '55000';
     END IF;
+    PERFORM steep_repl._check_image(v_tbl, c.pk, c.resolved_tuple);
+    PERFORM steep_repl._check_image(v_tbl, c.pk, CASE WHEN c.resolution = 'KEPT_LOCAL' THEN c.remote_tuple ELSE c.local_tuple END);
     -- the row now and the row the resolution left, compared as rows of the table: both images go through
     -- the column types in this session (a timestamptz written by a session in another TimeZone, or a
     -- bytea under another bytea_output, is the same value in a different text)

@@ -428,6 +428,13 @@ def observe(conn, publication=PUBLICATION, node_id=None):
         JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE g.tgname = %s""", (CAPTURE_TRIGGER,)))
+    # tables whose generated functions come from another build of enable_table() (an extension update
+    # changed the templates): enable_table() runs again for them
+    state["outdated_tables"] = sorted(r["tbl"] for r in fetch_all(conn, """
+        SELECT ct.tbl FROM steep_repl.conflict_tables ct
+        WHERE ct.generator IS DISTINCT FROM steep_repl._generator()
+          AND pg_catalog.to_regclass(pg_catalog.format('%I.%I', ct.table_schema, ct.table_name)) IS NOT NULL""")) if state["has_enable"] and fetch_value(
+        conn, "SELECT pg_catalog.to_regprocedure('steep_repl._generator()') IS NOT NULL") else []
     subs = fetch_all(conn, r"""
         SELECT s.oid, s.subname, s.subenabled, s.subconninfo, s.subslotname, s.suborigin,
                s.subpublications
@@ -460,7 +467,8 @@ def summary(state):
             if published else None,
             "subscriptions": sorted(state["subscriptions"]),
             "slots": sorted(state["slots"]),
-            "enabled_tables": list(state["enabled_tables"])}
+            "enabled_tables": list(state["enabled_tables"]),
+            "outdated_tables": list(state.get("outdated_tables", ()))}
 
 
 # --------------------------------------------------------------------------- planning
@@ -548,7 +556,9 @@ def plan(members, states, desired, publication=PUBLICATION):
     # 1. conflict triggers on every table BEFORE anything is applied
     for m in members:
         st = states[m.node_id]
-        todo = [t for t in desired if t not in st["enabled_tables"]]
+        # every table whose functions an earlier build generated is regenerated, in the set or not:
+        # its capture trigger fires for local writes whatever the mesh replicates
+        todo = sorted(set(t for t in desired if t not in st["enabled_tables"]) | set(st.get("outdated_tables", ())))
         if todo and not st["has_enable"]:
             warnings.append("steep_repl.enable_table(regclass) is missing on %s: conflict triggers "
                             "were NOT installed on %s (install the conflict engine, then re-run)."
@@ -708,7 +718,8 @@ def predicted_summary(members, states, desired, info):
             "subscriptions": sorted(subscription_name(p.node_id) for p in members_in if p is not m),
             "slots": sorted(set(slot_name(p.node_id) for p in members_in if p is not m)
                             | set(n for n in st["slots"] if peer_of(n, SLOT_PREFIX) in info["skipped_nodes"])),
-            "enabled_tables": sorted(enabled)}
+            "enabled_tables": sorted(enabled),
+            "outdated_tables": [] if st["has_enable"] else list(st.get("outdated_tables", ()))}
     return out
 
 

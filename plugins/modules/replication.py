@@ -73,9 +73,12 @@ options:
     default: 300
 notes:
   - Supports C(check_mode) (reports the SQL it would run in RV(queries), changes nothing) and C(diff) (per node publication
-    tables, subscriptions, slots and tables with conflict triggers, before and after).
+    tables, subscriptions, slots, tables with conflict triggers and tables whose trigger functions an earlier build of the
+    extension generated, before and after).
   - The initial data copy is not done here (C(copy_data = false)); rows written to a table before it joins the set are not
     sent. Add tables while nothing writes to them.
+  - After an extension update that changed the templates of C(steep_repl.enable_table), every enabled table whose trigger
+    functions an earlier build generated gets them regenerated (C(enable_table) runs again for it).
   - Needs C(psycopg2) on the controller.
   - One mesh node per PostgreSQL cluster (slot names are cluster-wide).
 seealso:

@@ -17,7 +17,8 @@ from steeplab import make_lab
 TABLES = ["lww", "fww", "np", "kl", "ar", "man", "bulk", "lk"]
 SETUP = ["CREATE TABLE public.%s (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)" % t for t in TABLES] + [
     "CREATE TABLE public.nopk (id int, v text)", "CREATE TABLE public.marker (id int PRIMARY KEY, v int)",
-    "CREATE TABLE public.tz (id int PRIMARY KEY, at timestamptz, b bytea)"]
+    "CREATE TABLE public.tz (id int PRIMARY KEY, at timestamptz, b bytea)",
+    "CREATE TABLE public.alt (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0)"]
 STRATEGIES = {
     "public.fww": "first_write_wins",
     "public.np": {"strategy": "node_priority", "priority": ["node2", "node1"]},
@@ -25,8 +26,9 @@ STRATEGIES = {
     "public.ar": "apply_remote",
     "public.man": "manual",
     "public.bulk": "manual",
+    "public.alt": "manual",
 }
-GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES] + ["public.marker", "public.tz"],
+GROUP_VARS = {"steep_replicated_tables": ["public.%s" % t for t in TABLES] + ["public.marker", "public.tz", "public.alt"],
               "steep_conflict_strategies": STRATEGIES}
 
 
@@ -282,6 +284,44 @@ def test_revert_refuses_when_the_row_changed_since(lab):
     assert "\\\\x03" in e.diag.message_detail and "nothing was changed" in e.diag.message_hint, e.diag.message_detail
     assert state(n1) == before
     assert mesh.wait_converged(lab, "SELECT encode(b, 'hex') FROM public.tz WHERE id = 2") == [("03",)]
+    healthy(lab)
+
+
+def test_rows_that_do_not_fit_the_table_are_refused_before_anything_is_written(lab):
+    """A merged row with a misspelt column, a value of the wrong type or a NULL in a NOT NULL column, and a
+    revert whose image no longer fits the table after ALTER TABLE: each is refused with the column named and
+    the fix, and nothing changed (read back)."""
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.alt VALUES (1, '5', 0)")
+    mesh.wait_converged(lab, "SELECT count(*) FROM public.alt")
+    conflicting(lab, {0: ["UPDATE public.alt SET v = '12' WHERE id = 1"],
+                      1: ["UPDATE public.alt SET v = 'x1' WHERE id = 1"]})
+    cid = cs.wait_for(lambda: [c["id"] for c in cs.conflicts(n1, "public.alt") if c["resolution"] == "PENDING"],
+                      what="a PENDING conflict on node1")[0]
+    before, row = state(n1), n1.sql("SELECT * FROM public.alt")
+    for merged, expected in (({"vv": "typo"}, "vv is not a column of the table"),
+                             ({"n": "many"}, 'column n (integer): invalid input syntax for type integer: "many"'),
+                             ({"n": None}, "column n (integer) is NOT NULL, the row has null")):
+        e = sql_error(n1, "SELECT steep_repl.resolve_conflict(%s, 'merge', %s::jsonb)", (cid, json.dumps(merged)))
+        assert "does not fit the table: " + expected in e.diag.message_primary, e.diag.message_primary
+        assert "nothing was changed" in e.diag.message_hint and e.pgcode == "22023"
+    res = resolve_task(lab, "node1", {"state": "resolved", "conflict_id": cid, "resolution": "merge",
+                                      "merged": {"n": "many"}})
+    assert res.rc != 0 and "invalid input syntax for type integer" in " ".join(res.failure_messages())
+    assert state(n1) == before and n1.sql("SELECT * FROM public.alt") == row
+    assert n1.sql("SELECT steep_repl.resolve_conflict(%s, 'local')", (cid,)) == [("KEPT_LOCAL",)]
+    assert mesh.wait_converged(lab, "SELECT id, v FROM public.alt") == [(1, "12")]
+    # the column's type changes on every node; reverting would write node2's 'x1' into an integer
+    for n in lab.nodes:
+        n.sql("ALTER TABLE public.alt ALTER COLUMN v TYPE int USING v::int")
+    before, row = state(n1), n1.sql("SELECT * FROM public.alt")
+    e = sql_error(n1, "SELECT steep_repl.revert_resolution(%s, 'after the type change')", (cid,))
+    assert 'does not fit the table: column v (integer): invalid input syntax for type integer: "x1"' in \
+        e.diag.message_primary, e.diag.message_primary
+    assert "ALTER TABLE" in e.diag.message_hint and "nothing was changed" in e.diag.message_hint
+    assert state(n1) == before and n1.sql("SELECT * FROM public.alt") == row == [(1, 12, 0)]
+    n2.sql("UPDATE public.alt SET v = 13 WHERE id = 1")
+    assert mesh.wait_converged(lab, "SELECT id, v FROM public.alt") == [(1, 13)]
     healthy(lab)
 
 

@@ -157,6 +157,54 @@ def test_adding_a_table_extends_publication_and_refreshes_subscriptions(lab_fact
     assert res.rc == 0 and res.changed() == 0
 
 
+def _generated(node, table="public.t"):
+    """{trigger name: source of the function it runs} for the table's conflict triggers on ``node``."""
+    return dict(node.sql("SELECT g.tgname, p.prosrc FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid "
+                         "WHERE g.tgrelid = %s::regclass AND g.tgname LIKE 'steep%%' ORDER BY 1", (table,)))
+
+
+def test_functions_an_earlier_build_generated_are_regenerated(lab_factory):
+    """An extension update that changes the templates of enable_table() leaves every enabled table's
+    functions as the earlier build generated them; the next site.yml regenerates them (and only them)."""
+    lab = lab_factory(count=2, majors=(17, 18))
+    inv = mesh.build_mesh(lab, T, GV)
+    n1, n2 = lab.nodes
+    current = _generated(n1)
+    stamp = n1.sql("SELECT steep_repl._generator()")[0][0]
+    assert n1.sql("SELECT generator FROM steep_repl.conflict_tables")[0][0] == stamp
+    # node1's functions as an earlier build left them: other bodies, another stamp
+    for (oid,) in n1.sql("SELECT tgfoid FROM pg_trigger WHERE tgrelid = 'public.t'::regclass "
+                         "AND tgname IN ('steep_repl_capture', 'steep_repl_apply')"):
+        ddl = n1.sql("SELECT pg_get_functiondef(%s)", (oid,))[0][0]
+        n1.sql(ddl.replace("BEGIN\n", "BEGIN\n    -- earlier build\n", 1))
+    n1.sql("UPDATE steep_repl.conflict_tables SET generator = 'an earlier build'")
+    earlier = _generated(n1)
+    assert earlier != current and all("earlier build" in earlier[k] for k in ("steep_repl_apply", "steep_repl_capture"))
+
+    res = run_playbook("site.yml", inv, check=True, diff=True)
+    assert res.rc == 0, res.failure_messages()
+    r = task(res, MESH_TASK)
+    assert r["changed"] is True
+    assert [q for q in r["queries"] if "enable_table" in q] == [
+        "/* node1 */ SELECT steep_repl.enable_table('\"public\".\"t\"'::regclass)"]
+    assert r["diff"]["before"]["node1"]["outdated_tables"] == ["public.t"]
+    assert r["diff"]["after"]["node1"]["outdated_tables"] == []
+    assert r["diff"]["before"]["node2"]["outdated_tables"] == r["diff"]["after"]["node2"]["outdated_tables"] == []
+    assert _generated(n1) == earlier                                        # --check changed nothing
+    assert n1.sql("SELECT generator FROM steep_repl.conflict_tables")[0][0] == "an earlier build"
+
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    assert [q for q in task(res, MESH_TASK)["queries"] if "enable_table" in q] == [
+        "/* node1 */ SELECT steep_repl.enable_table('\"public\".\"t\"'::regclass)"]
+    assert _generated(n1) == current == _generated(n2)
+    assert [g for (g,) in n1.sql("SELECT generator FROM steep_repl.conflict_tables")] == [stamp]
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0 and res.changed() == 0, res.failure_messages()
+    write_everywhere_and_converge(lab)
+    mesh.assert_healthy(lab)
+
+
 def test_schemas_and_exclusion_globs(lab_factory):
     lab = lab_factory(count=2, majors=(18,))
     setup = ["CREATE SCHEMA sales",

@@ -268,6 +268,34 @@ def test_plan_converged_is_empty_and_table_added_refreshes():
     assert "disable_table" in actions[-1].query
 
 
+def test_plan_regenerates_the_functions_an_earlier_build_generated():
+    ms = [member("a"), member("b")]
+    slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
+    tables = ["public.t", "steep_repl.row_version"]
+
+    def st(me, peer, outdated):
+        return empty_state(publication=True, pub_tables=["public.t"], **VER, enabled_tables=["public.t", "public.u"],
+                           outdated_tables=outdated,
+                           subscriptions={"steep_from_" + peer: {
+                               "enabled": True, "conninfo": r.render_conninfo(member(peer).peer_conninfo()),
+                               "slot": "steep_to_" + me, "origin": "none", "publications": PUBS,
+                               "tables": tables}},
+                           slots={"steep_to_" + peer: slot})
+    # node a: the replicated table and one enabled by hand outside the set; node b is current
+    states = {"a": st("a", "b", ["public.t", "public.u"]), "b": st("b", "a", [])}
+    actions, warnings, info = r.plan(ms, states, ["public.t"])
+    assert [(a.node, a.phase, a.args) for a in actions] == [("a", 1, ('"public"."t"',)), ("a", 1, ('"public"."u"',))]
+    assert all("enable_table" in a.query for a in actions) and warnings == []
+    assert r.summary(states["a"])["outdated_tables"] == ["public.t", "public.u"]
+    after = r.predicted_summary(ms, states, ["public.t"], info)
+    assert after["a"]["outdated_tables"] == [] and after["a"]["enabled_tables"] == r.summary(states["a"])["enabled_tables"]
+    # without enable_table (an engine that cannot regenerate) nothing is planned, and the diff says so
+    states["a"]["has_enable"] = False
+    actions, warnings, info = r.plan(ms, states, ["public.t"])
+    assert actions == [] and any("enable_table" in w and "public.t, public.u" in w for w in warnings)
+    assert r.predicted_summary(ms, states, ["public.t"], info)["a"]["outdated_tables"] == ["public.t", "public.u"]
+
+
 def test_plan_changed_password_alters_connection_without_showing_it():
     ms = [member("a"), member("b", password="new-secret")]
     slot = {"database": "db", "plugin": "pgoutput", "active": True, "active_pid": 1}
