@@ -1076,21 +1076,48 @@ END $gen$;
 
 CREATE OR REPLACE FUNCTION steep_repl.disable_table(p_table pg_catalog.regclass)
 RETURNS VOID LANGUAGE plpgsql SET search_path = '' AS $$
-DECLARE v_schema TEXT; v_name TEXT; v_tbl TEXT; v_h TEXT; v_q TEXT;
+DECLARE v_schema TEXT; v_name TEXT; v_q TEXT;
 BEGIN
     SELECT r.schema_name, r.table_name INTO v_schema, v_name FROM steep_repl._rel_name(p_table) r;
-    v_tbl := v_schema || '.' || v_name;
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
-    v_h := steep_repl._conflict_fn_suffix(v_tbl);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_capture ON %s', v_q);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_apply ON %s', v_q);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_truncate ON %s', v_q);
+    PERFORM steep_repl._forget_table(v_schema, v_name);
+END $$;
+
+-- Everything steep keeps for a table on this node, gone: its generated functions, its conflict_tables row
+-- and its versions (disable_table, and a DROP of the table; conflict_log keeps its history).
+CREATE OR REPLACE FUNCTION steep_repl._forget_table(p_schema TEXT, p_name TEXT) RETURNS VOID
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE v_tbl TEXT := p_schema || '.' || p_name; v_h TEXT;
+BEGIN
+    v_h := steep_repl._conflict_fn_suffix(v_tbl);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'capture_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'apply_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I(TEXT, TEXT, JSONB)', 'rowop_' || v_h);
     DELETE FROM steep_repl.conflict_tables WHERE tbl = v_tbl;
     DELETE FROM steep_repl.row_version WHERE tbl = v_tbl;
     PERFORM steep_repl._rowop_regenerate();
+END $$;
+REVOKE ALL ON FUNCTION steep_repl._forget_table(TEXT, TEXT) FROM PUBLIC;
+
+-- A replicated table dropped on this node forgets its versions with it. Left behind, a version of a key
+-- the table (created again under the same name) no longer has would make a local INSERT of that key
+-- write no version, and two nodes inserting it would stop each other's subscription (insert_exists).
+CREATE OR REPLACE FUNCTION steep_repl._conflict_drop() RETURNS EVENT_TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE r RECORD;
+BEGIN
+    IF pg_catalog.to_regclass('steep_repl.conflict_tables') IS NULL THEN
+        RETURN;                                 -- DROP EXTENSION steep_repl
+    END IF;
+    FOR r IN SELECT DISTINCT ct.table_schema, ct.table_name
+               FROM pg_catalog.pg_event_trigger_dropped_objects() d
+               JOIN steep_repl.conflict_tables ct ON ct.table_schema = d.schema_name AND ct.table_name = d.object_name
+              WHERE d.object_type = 'table' LOOP
+        PERFORM steep_repl._forget_table(r.table_schema, r.table_name);
+    END LOOP;
 END $$;
 
 -- Re-generate the functions after ALTER TABLE (columns added, dropped, renamed).
@@ -1118,6 +1145,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_ddl') THEN
         CREATE EVENT TRIGGER steep_repl_conflict_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
             EXECUTE FUNCTION steep_repl._conflict_ddl();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_drop') THEN
+        CREATE EVENT TRIGGER steep_repl_conflict_drop ON sql_drop
+            EXECUTE FUNCTION steep_repl._conflict_drop();
     END IF;
 END $$;
 

@@ -205,6 +205,48 @@ def test_functions_an_earlier_build_generated_are_regenerated(lab_factory):
     mesh.assert_healthy(lab)
 
 
+def test_a_dropped_and_recreated_table_starts_without_its_old_versions(lab_factory):
+    """DROP TABLE forgets the table's versions and generated functions on that node (an event trigger).
+    Left behind, the version of a key the new table does not have made a local INSERT of it write no
+    version, and two nodes inserting that key stopped each other's subscription (insert_exists)."""
+    import conflict_support as cs
+    lab = lab_factory(count=2, majors=(17, 18))
+    inv = mesh.build_mesh(lab, [T, "CREATE TABLE public.u (id int PRIMARY KEY, v text)",
+                                "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"],
+                          {"steep_replicated_tables": ["public.t", "public.u", "public.marker"]})
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.t SELECT g, 'old' FROM generate_series(1, 10) g")
+    assert mesh.wait_converged(lab, "SELECT count(*) FROM public.t") == [(10,)]
+    n2.sql("DELETE FROM public.t WHERE id <= 3")
+    n1.sql("INSERT INTO public.u VALUES (1, 'kept')")
+    assert mesh.wait_converged(lab, "SELECT count(*) FROM public.t") == [(7,)]
+    functions = ("SELECT count(*) FROM pg_proc WHERE pronamespace = 'steep_repl'::regnamespace AND proname IN "
+                 "(SELECT f || steep_repl._conflict_fn_suffix(t) FROM unnest(ARRAY['capture_', 'apply_', 'rowop_']) f, "
+                 "unnest(ARRAY['public.t', 'public.u']) t)")
+    assert [n.sql(functions)[0][0] for n in lab.nodes] == [6, 6]            # public.t and public.u
+    for n in lab.nodes:
+        n.sql("DROP TABLE public.t")
+        assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.t'") == [(0,)]
+        assert n.sql("SELECT tbl FROM steep_repl.conflict_tables ORDER BY 1") == [("public.marker",), ("public.u",)]
+        assert n.sql(functions) == [(3,)]
+        assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.u'") == [(1,)]  # kept
+    for n in lab.nodes:
+        n.sql(T)
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    # both nodes insert keys the old table had (live, and deleted) while neither applies the other
+    cs.pause(lab)
+    n1.sql("INSERT INTO public.t VALUES (2, 'node1'), (8, 'node1')")
+    n2.sql("INSERT INTO public.t VALUES (2, 'node2'), (8, 'node2')")
+    cs.resume(lab)
+    cs.sync(lab)
+    assert mesh.wait_converged(lab, "SELECT id, v FROM public.t ORDER BY id") == [(2, "node2"), (8, "node2")]
+    assert sorted(c["pk"] for c in cs.conflicts(n1, "public.t")) == ["[2]", "[8]"]
+    assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
+    mesh.assert_healthy(lab)
+    assert run_playbook("site.yml", inv).changed() == 0
+
+
 def test_schemas_and_exclusion_globs(lab_factory):
     lab = lab_factory(count=2, majors=(18,))
     setup = ["CREATE SCHEMA sales",
