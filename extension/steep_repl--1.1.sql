@@ -1314,6 +1314,13 @@ END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch,
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_truncate AFTER TRUNCATE ON %s '
                               'FOR EACH STATEMENT EXECUTE FUNCTION steep_repl._truncate_versions()', v_q);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER steep_repl_truncate', v_q);
+    -- a new primary key (ALTER TABLE ... DROP CONSTRAINT, ADD PRIMARY KEY): the versions are keyed by the
+    -- old one, so none of them describes a key of the new one (a stale live version of a key the table
+    -- lacks would make a local INSERT of it write no version: insert_exists between nodes). They go; the
+    -- rows get versions again as they are written, like the rows of a table enabled with data in it
+    IF EXISTS (SELECT 1 FROM steep_repl.conflict_tables ct WHERE ct.tbl = v_tbl AND ct.pk_columns IS DISTINCT FROM v_pk) THEN
+        DELETE FROM steep_repl.row_version WHERE tbl = v_tbl;
+    END IF;
     INSERT INTO steep_repl.conflict_tables (tbl, table_schema, table_name, pk_columns, rowop, generator)
     VALUES (v_tbl, v_schema, v_name, v_pk, v_rowop, steep_repl._generator())
     ON CONFLICT (tbl) DO UPDATE SET pk_columns = EXCLUDED.pk_columns, rowop = EXCLUDED.rowop,

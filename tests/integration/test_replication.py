@@ -247,6 +247,40 @@ def test_a_dropped_and_recreated_table_starts_without_its_old_versions(lab_facto
     assert run_playbook("site.yml", inv).changed() == 0
 
 
+def test_a_new_primary_key_starts_the_table_without_its_old_versions(lab_factory):
+    """ALTER TABLE ... DROP CONSTRAINT <pk>, ADD PRIMARY KEY (<other columns>) on every node: the versions
+    keyed by the old key go (enable_table, run by the DDL event trigger). Left behind, the old version
+    '[9]' of another row made a local INSERT of the new key 9 write no version, and two nodes inserting it
+    stopped each other's subscription (insert_exists)."""
+    import conflict_support as cs
+    lab = lab_factory(count=2, majors=(17, 18))
+    inv = mesh.build_mesh(lab, ["CREATE TABLE public.t (id int PRIMARY KEY, k int NOT NULL UNIQUE, v text)",
+                                "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"],
+                          {"steep_replicated_tables": ["public.t", "public.marker"]})
+    n1, n2 = lab.nodes
+    n1.sql("INSERT INTO public.t SELECT g, 11 - g, 'old' FROM generate_series(1, 10) g")   # k 10..1: the ids reversed
+    assert mesh.wait_converged(lab, "SELECT count(*) FROM public.t") == [(10,)]
+    n2.sql("DELETE FROM public.t WHERE id <= 3")
+    assert mesh.wait_converged(lab, "SELECT count(*) FROM public.t") == [(7,)]
+    for n in lab.nodes:
+        n.sql("ALTER TABLE public.t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (k)")
+        assert n.sql("SELECT pk_columns FROM steep_repl.conflict_tables WHERE tbl = 'public.t'") == [(["k"],)]
+        assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.t'") == [(0,)]
+    assert run_playbook("site.yml", inv).changed() == 0
+    cs.pause(lab)
+    n1.sql("INSERT INTO public.t VALUES (20, 9, 'node1')")          # k = 9: the old id 9 had a live version
+    n2.sql("INSERT INTO public.t VALUES (20, 9, 'node2')")
+    n1.sql("UPDATE public.t SET v = 'node1' WHERE k = 5")           # a row without a version yet
+    n2.sql("UPDATE public.t SET v = 'node2' WHERE k = 5")
+    cs.resume(lab)
+    cs.sync(lab)
+    assert mesh.wait_converged(lab, "SELECT k, v FROM public.t WHERE k IN (5, 9) ORDER BY k") == [
+        (5, "node2"), (9, "node2")]
+    assert sorted(c["pk"] for c in cs.conflicts(n1, "public.t")) == ["[5]", "[9]"]
+    assert cs.apply_errors(lab) == {"node1": 0, "node2": 0}
+    mesh.assert_healthy(lab)
+
+
 def test_schemas_and_exclusion_globs(lab_factory):
     lab = lab_factory(count=2, majors=(18,))
     setup = ["CREATE SCHEMA sales",
