@@ -954,13 +954,51 @@ BEGIN
 END $$;
 
 -- The primary-key columns of a table in key order (NULL: no primary key). The canonical key of a
--- row (row_version.pk) is pg_catalog.jsonb_build_array of these columns.
+-- row (row_version.pk) is a JSON array of these columns (steep_repl._key_expr).
 CREATE OR REPLACE FUNCTION steep_repl._pk_columns(p_table pg_catalog.regclass) RETURNS TEXT[]
 LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord)
     FROM pg_catalog.pg_constraint con
     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
     JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    WHERE con.conrelid = p_table AND con.contype = 'p'
+$$;
+
+-- A primary-key value as JSON, written the same way in every session. to_jsonb() of a timestamptz shows
+-- the session's TimeZone offset, of a bytea follows bytea_output, of an interval IntervalStyle, of a
+-- float extra_float_digits, of a range or another type without a JSON form its text output (DateStyle
+-- too): the same row would get another key in another session, and its versions would not meet.
+CREATE OR REPLACE FUNCTION steep_repl._canon(anyelement) RETURNS JSONB
+LANGUAGE sql STABLE
+SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' SET bytea_output = 'hex'
+SET extra_float_digits = '1'
+AS $$ SELECT pg_catalog.to_jsonb($1) $$;
+
+-- The SQL expression of the canonical key (row_version.pk) of the row p_alias of a table:
+-- pg_catalog.jsonb_build_array(<pk columns in key order>)::text, where a column of a type whose JSON does
+-- not depend on session settings goes in as it is and any other through steep_repl._canon() (one SET
+-- function call, for such keys only). NULL: no primary key. Every place that names a row by its key
+-- (the generated triggers, reinit, verify, resolutions) builds it here.
+CREATE OR REPLACE FUNCTION steep_repl._key_expr(p_table pg_catalog.regclass, p_alias TEXT) RETURNS TEXT
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg(
+               CASE WHEN b.typtype = 'e' OR b.oid IN (
+                        'pg_catalog.bool'::pg_catalog.regtype, 'pg_catalog.int2'::pg_catalog.regtype,
+                        'pg_catalog.int4'::pg_catalog.regtype, 'pg_catalog.int8'::pg_catalog.regtype,
+                        'pg_catalog.numeric'::pg_catalog.regtype, 'pg_catalog.text'::pg_catalog.regtype,
+                        'pg_catalog.varchar'::pg_catalog.regtype, 'pg_catalog.bpchar'::pg_catalog.regtype,
+                        'pg_catalog.char'::pg_catalog.regtype, 'pg_catalog.name'::pg_catalog.regtype,
+                        'pg_catalog.uuid'::pg_catalog.regtype, 'pg_catalog.date'::pg_catalog.regtype,
+                        'pg_catalog.timestamp'::pg_catalog.regtype, 'pg_catalog.time'::pg_catalog.regtype,
+                        'pg_catalog.timetz'::pg_catalog.regtype, 'pg_catalog.oid'::pg_catalog.regtype)
+                    THEN p_alias || '.' || pg_catalog.quote_ident(a.attname)
+                    ELSE 'steep_repl._canon(' || p_alias || '.' || pg_catalog.quote_ident(a.attname) || ')' END,
+               ', ' ORDER BY k.ord) || ')::text'
+    FROM pg_catalog.pg_constraint con
+    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+    JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
     WHERE con.conrelid = p_table AND con.contype = 'p'
 $$;
 
@@ -1009,13 +1047,13 @@ BEGIN
     v_capture := 'steep_repl.' || pg_catalog.quote_ident('capture_' || v_h);
     v_apply := 'steep_repl.' || pg_catalog.quote_ident('apply_' || v_h);
 
-    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(c), ', ') || ')::text',
-           'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(c), ', ') || ')::text',
-           pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_k_.' || pg_catalog.quote_ident(c), ' AND '),
+    v_pk_new := steep_repl._key_expr(p_table, 'NEW');
+    v_pk_old := steep_repl._key_expr(p_table, 'OLD');
+    SELECT pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_k_.' || pg_catalog.quote_ident(c), ' AND '),
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = NEW.' || pg_catalog.quote_ident(c), ' AND '),
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = OLD.' || pg_catalog.quote_ident(c), ' AND '),
            'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', steep_j_->' || (o - 1), ', ') || ')'
-      INTO v_pk_new, v_pk_old, v_match, v_newmatch, v_oldmatch, v_keyobj
+      INTO v_match, v_newmatch, v_oldmatch, v_keyobj
     FROM pg_catalog.unnest(v_pk) WITH ORDINALITY AS u(c, o);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = steep_x_.' || pg_catalog.quote_ident(c), ', '),
            pg_catalog.string_agg(pg_catalog.quote_ident(c), ', '),
@@ -1456,11 +1494,15 @@ END $$;
 
 -- The canonical key of a row image of a table (PK columns in order).
 CREATE OR REPLACE FUNCTION steep_repl._image_pk(p_tbl TEXT, p_img JSONB) RETURNS TEXT
-LANGUAGE sql STABLE SET search_path = '' AS $$
-    SELECT pg_catalog.jsonb_agg(p_img -> c ORDER BY o)::TEXT
-    FROM steep_repl.conflict_tables ct, pg_catalog.unnest(ct.pk_columns) WITH ORDINALITY AS u(c, o)
-    WHERE ct.tbl = p_tbl
-$$;
+LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE t RECORD; v_pk TEXT;
+BEGIN
+    SELECT ct.table_schema, ct.table_name INTO t FROM steep_repl.conflict_tables ct WHERE ct.tbl = p_tbl;
+    EXECUTE pg_catalog.format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%I.%I, $1) AS r',
+        steep_repl._key_expr(pg_catalog.format('%I.%I', t.table_schema, t.table_name)::pg_catalog.regclass, 'r'),
+        t.table_schema, t.table_name) INTO v_pk USING p_img;
+    RETURN v_pk;
+END $$;
 
 CREATE OR REPLACE FUNCTION steep_repl.resolve_conflict(
     p_conflict_id BIGINT, p_resolution TEXT, p_merged JSONB DEFAULT NULL)
@@ -2478,10 +2520,10 @@ BEGIN
       INTO v_cols, v_rcols FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
     SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(v_schema, v_name) s;
-    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('s.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
-      INTO v_pk_s, v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+    v_pk_s := steep_repl._key_expr(p_table, 's');
+    v_pk_t := steep_repl._key_expr(p_table, 't');
+    SELECT pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_join FROM pg_catalog.unnest(v_pk) AS u(x);
 
     DROP TABLE IF EXISTS pg_temp.steep_rec_cmp;
     EXECUTE pg_catalog.format($f$
@@ -2577,14 +2619,10 @@ BEGIN
         RAISE EXCEPTION 'table % does not exist', p_tbl
             USING HINT = 'Fix: create it, or DELETE its rows from steep_repl.reconcile_push.';
     END IF;
-    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
-      FROM pg_catalog.pg_constraint con
-     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-     WHERE con.conrelid = v_rel AND con.contype = 'p';
-    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
-      INTO v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+    v_pk := steep_repl._pk_columns(v_rel);
+    v_pk_t := steep_repl._key_expr(v_rel, 't');
+    SELECT pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_join FROM pg_catalog.unnest(v_pk) AS u(x);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum),
            pg_catalog.string_agg('t.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
       INTO v_cols, v_tcols FROM pg_catalog.pg_attribute a

@@ -81,10 +81,10 @@ BEGIN
       INTO v_cols, v_rcols FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
     SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(v_schema, v_name) s;
-    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('s.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
-      INTO v_pk_s, v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+    v_pk_s := steep_repl._key_expr(p_table, 's');
+    v_pk_t := steep_repl._key_expr(p_table, 't');
+    SELECT pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_join FROM pg_catalog.unnest(v_pk) AS u(x);
 
     DROP TABLE IF EXISTS pg_temp.steep_rec_cmp;
     EXECUTE pg_catalog.format($f$
@@ -180,14 +180,10 @@ BEGIN
         RAISE EXCEPTION 'table % does not exist', p_tbl
             USING HINT = 'Fix: create it, or DELETE its rows from steep_repl.reconcile_push.';
     END IF;
-    SELECT pg_catalog.array_agg(a.attname::TEXT ORDER BY k.ord) INTO v_pk
-      FROM pg_catalog.pg_constraint con
-     CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-     WHERE con.conrelid = v_rel AND con.contype = 'p';
-    SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x), ', ') || ')::text',
-           pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
-      INTO v_pk_t, v_join FROM pg_catalog.unnest(v_pk) AS u(x);
+    v_pk := steep_repl._pk_columns(v_rel);
+    v_pk_t := steep_repl._key_expr(v_rel, 't');
+    SELECT pg_catalog.string_agg('t.' || pg_catalog.quote_ident(x) || ' = s.' || pg_catalog.quote_ident(x), ' AND ')
+      INTO v_join FROM pg_catalog.unnest(v_pk) AS u(x);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum),
            pg_catalog.string_agg('t.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
       INTO v_cols, v_tcols FROM pg_catalog.pg_attribute a

@@ -20,12 +20,18 @@ from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, f
 SAMPLE_KEYS = 5
 
 
-def _pk_columns(conn, table):
-    cols = fetch_value(conn, "SELECT steep_repl._pk_columns(%s::pg_catalog.regclass)", (table,))
-    if not cols:
+def _key_expr(conn, qual, table):
+    """The engine's canonical key of row ``t`` of the table (steep_repl._key_expr), as SQL."""
+    expr = fetch_value(conn, "SELECT steep_repl._key_expr(%s::pg_catalog.regclass, 't')", (qual,))
+    if not expr:
         raise SteepError("table %s has no primary key, so it cannot be compared. Fix: add one (it is required for "
                          "replication anyway)." % table)
-    return cols
+    return expr
+
+
+# the row digests are compared across nodes: every setting that changes a value's text is fixed
+CANONICAL_SETTINGS = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; "
+                      "SET LOCAL bytea_output = 'hex'; SET LOCAL extra_float_digits = 1")
 
 
 def snapshot(conn, table):
@@ -33,14 +39,14 @@ def snapshot(conn, table):
     REPEATABLE READ snapshot. The key is the engine's canonical text (jsonb array of the PK)."""
     schema, name = table.split(".", 1)
     qual = "%s.%s" % (quote_ident(schema), quote_ident(name))
-    pk = ", ".join("t.%s" % quote_ident(c) for c in _pk_columns(conn, table))
+    key = _key_expr(conn, qual, table)
     old_autocommit = conn.autocommit
     conn.autocommit = False
     try:
         with conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute("SELECT pg_catalog.jsonb_build_array(%s)::text, pg_catalog.md5(pg_catalog.to_jsonb(t.*)::text) "
-                        "FROM %s AS t" % (pk, qual))
+            cur.execute(CANONICAL_SETTINGS)
+            cur.execute("SELECT %s, pg_catalog.md5(pg_catalog.to_jsonb(t.*)::text) FROM %s AS t" % (key, qual))
             rows = dict(cur.fetchall())
             cur.execute("SELECT pg_catalog.to_regclass('steep_repl.row_version') IS NOT NULL")
             versions = {}

@@ -155,15 +155,17 @@ def server_errors(lab, limit=12):
 def image_mismatch_query(table, key="id"):
     """SQL (one parameter: the table name) listing the keys of ``table`` whose row is not the image of its
     version: a row without a version, a live version without its row, a tombstone with a row, or a row that
-    differs from the image. ``key``: the primary-key column, or its columns in key order. One statement, so
-    one snapshot: no row on any committed state of a consistent node."""
+    differs from the image (compared as rows of the table: an image keeps the text of its writer's session,
+    e.g. a timestamptz in its TimeZone). ``key``: the primary-key column, or its columns in key order. One
+    statement, so one snapshot: no row on any committed state of a consistent node."""
     cols = (key,) if isinstance(key, str) else tuple(key)
     built = "pg_catalog.jsonb_build_array(%s)::text" % ", ".join("h." + c for c in cols)
     return ("SELECT coalesce(v.pk, {b}), v.deleted, v.img::text, pg_catalog.to_jsonb(h.*)::text "
             "FROM (SELECT * FROM steep_repl.row_version WHERE tbl = %s) v "
             "FULL JOIN {t} h ON {b} = v.pk "
             "WHERE v.pk IS NULL OR v.deleted <> (h.{k} IS NULL) "
-            "OR (NOT v.deleted AND v.img <> pg_catalog.to_jsonb(h.*))").format(b=built, k=cols[0], t=table)
+            "OR (NOT v.deleted AND pg_catalog.to_jsonb(pg_catalog.jsonb_populate_record(NULL::{t}, v.img)) "
+            "<> pg_catalog.to_jsonb(h.*))").format(b=built, k=cols[0], t=table)
 
 
 def image_mismatches(node, table, key="id"):
