@@ -281,3 +281,41 @@ def test_purge_tombstones_refuses_a_bad_batch(lab):
         n1.sql("SELECT steep_repl.purge_tombstones(0)")
     assert "the batch size must be a positive number, got 0" in str(exc.value)
     assert tombstones(n1) == before
+
+
+def test_a_table_switched_from_keep_local_to_an_order_converges_after_a_purge(lab):
+    """keep_local leaves the nodes with different versions of a key on purpose; once the table's strategy
+    is an order, its old tombstones are settled and purged like any other, and the next write of the key
+    brings every node to the same row (runs last: it changes the strategy of public.kl)."""
+    n1, n2, n3 = lab.nodes
+    n1.sql("INSERT INTO public.kl VALUES (2002, 'v'), (2003, 'v')")
+    assert mesh.wait_converged(lab, "SELECT count(*) FROM public.kl WHERE id > 2000") == [(2,)]
+    cs.pause(lab)
+    n1.sql("DELETE FROM public.kl WHERE id = 2002")
+    n2.sql("UPDATE public.kl SET v = 'node2' WHERE id = 2002")
+    n3.sql("UPDATE public.kl SET v = 'node3' WHERE id = 2003")
+    n1.sql("UPDATE public.kl SET v = 'node1' WHERE id = 2003")
+    cs.resume(lab)
+    cs.sync(lab)
+    assert n1.sql("SELECT v FROM public.kl WHERE id = 2002") == []            # each node kept its own
+    assert n2.sql("SELECT v FROM public.kl WHERE id = 2002") == [("node2",)]
+    gv = dict(GROUP_VARS, steep_conflict_strategies={})
+    lab.inventory_path = lab.write_inventory(lab.inventory_path, group_vars=gv)
+    res = run_playbook("site.yml", lab.inventory_path)
+    assert res.rc == 0, res.failure_messages()
+    assert all(n.sql("SELECT strategy FROM steep_repl.table_strategy('public', 'kl')") == [("last_write_wins",)]
+               for n in lab.nodes)
+    res = purge(lab)
+    assert res.rc == 0, res.failure_messages()
+    assert n1.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.kl' AND pk = '[2002]'") == [(0,)]
+    # the next writes of the diverged keys: a node that has the row, a node that has not
+    n2.sql("UPDATE public.kl SET v = 'after2' WHERE id = 2002")
+    n3.sql("UPDATE public.kl SET v = 'after3' WHERE id = 2003")
+    cs.sync(lab)
+    assert mesh.wait_converged(lab, "SELECT id, v FROM public.kl WHERE id IN (2002, 2003) ORDER BY id") == [
+        (2002, "after2"), (2003, "after3")]
+    n1.sql("INSERT INTO public.kl VALUES (7, 'new') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v")
+    mesh.wait_converged(lab, "SELECT id, v FROM public.kl ORDER BY id")
+    for n in lab.nodes:
+        assert cs.image_mismatches(n, "public.kl") == [], n.name
+    healthy(lab)
