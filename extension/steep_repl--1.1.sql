@@ -341,6 +341,15 @@ ALTER TABLE steep_repl.conflict_log DROP CONSTRAINT IF EXISTS conflict_log_resol
 -- had reached every node, when the horizon was set (the steep.repl.tombstones module proves it with two
 -- rounds of WAL marks confirmed by every slot). So any version of its key that arrives later was written
 -- after its origin saw the tombstone (or after the tombstone was purged there): it descends from it.
+-- Keys whose row lost a UNIQUE_VIOLATION here and that still have to tell the other nodes
+-- (steep_repl.settle_unique_conflicts; "Other unique keys" in docs/conflicts.md). Local, not published.
+CREATE TABLE IF NOT EXISTS steep_repl.unique_settle (
+    tbl        TEXT NOT NULL,
+    pk         TEXT NOT NULL,
+    queued_at  TIMESTAMPTZ NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (tbl, pk)
+);
+
 CREATE TABLE IF NOT EXISTS steep_repl.tombstone_horizon (
     node_id    TEXT PRIMARY KEY,         -- origin of the tombstones
     horizon    TIMESTAMPTZ NOT NULL,     -- that origin's hybrid logical clock at the first mark
@@ -885,8 +894,16 @@ BEGIN
                              WHEN v_remote THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END;
     END IF;
 
-    -- remote wins: the row becomes the version's image (or goes), the version becomes the local one.
+    -- remote wins: the version becomes the local one, then the row becomes its image (or goes): the
+    -- version first, so that a check of the row's other unique keys (steep_repl._unique_decide) finds it.
     -- v_cur: the local row before (row locked after the version: the lock order of every apply worker)
+    IF v_remote AND NOT p_update THEN
+        UPDATE steep_repl.row_version v
+           SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
+               base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
+               gen = r.gen, op = r.op, img = r.img
+         WHERE v.tbl = r.tbl AND v.pk = r.pk;
+    END IF;
     IF v_remote AND r.deleted AND NOT r.forced THEN
         -- the native DELETE (or primary-key-changing UPDATE) that follows removes the row
         IF coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '') <> '' THEN
@@ -952,15 +969,7 @@ BEGIN
         PERFORM steep_repl._settle_pending(v_schema, v_name, r.pk, 'APPLIED_REMOTE',
             'steep_repl:resolution@' || r.ver_node, r.img, 'resolved by a manual resolution on ' || r.ver_node);
     END IF;
-    IF p_update THEN
-        RETURN true;
-    END IF;
-    UPDATE steep_repl.row_version v
-       SET ver_ts = r.ver_ts, ver_node = r.ver_node, depth = r.depth, epoch = r.epoch, deleted = r.deleted,
-           base_ts = r.base_ts, base_node = r.base_node, origin_xid = r.origin_xid, forced = r.forced,
-           gen = r.gen, op = r.op, img = r.img
-     WHERE v.tbl = r.tbl AND v.pk = r.pk;
-    RETURN false;
+    RETURN p_update;
 END $$;
 
 
@@ -1058,6 +1067,151 @@ ALTER TABLE steep_repl.row_version ENABLE REPLICA TRIGGER steep_repl_apply_peer;
 REVOKE ALL ON FUNCTION steep_repl._version_decide(BOOLEAN, steep_repl.row_version, steep_repl.row_version) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
+-- Other unique keys: two rows of different primary keys that take one value of another unique
+-- constraint (two nodes insert the same e-mail address under two ids). Native apply stops on it
+-- (insert_exists on the unique index, for ever); steep decides between the two rows' versions, as every
+-- node does, and the losing row goes: its version becomes a tombstone at the same (ver_ts, ver_node), on
+-- every node, so the next write of its key descends from it ("Other unique keys" in docs/conflicts.md).
+-- ---------------------------------------------------------------------------------------------
+-- Does version r (of one key) beat version o (of another key that took the same unique value)? Only the
+-- time, node and priority list mean anything across two keys (generation, incarnation and depth count
+-- the history of one key). Ties: the caller breaks them by key.
+CREATE OR REPLACE FUNCTION steep_repl._unique_beats(p_strategy TEXT, p_list TEXT[],
+                                                    r steep_repl.row_version, o steep_repl.row_version)
+RETURNS BOOLEAN LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE rr BIGINT; orank BIGINT;
+BEGIN
+    IF p_strategy = 'node_priority' THEN
+        IF p_list IS NOT NULL THEN
+            rr := -coalesce(pg_catalog.array_position(p_list, r.ver_node), 1000000);
+            orank := -coalesce(pg_catalog.array_position(p_list, o.ver_node), 1000000);
+            IF rr <> orank THEN RETURN rr > orank; END IF;
+        END IF;
+        IF r.ver_node <> o.ver_node THEN
+            RETURN steep_repl._node_stronger(r.ver_node, o.ver_node);
+        END IF;
+    END IF;
+    IF r.ver_ts <> o.ver_ts THEN
+        RETURN (r.ver_ts > o.ver_ts) = (p_strategy <> 'first_write_wins');
+    END IF;
+    IF r.ver_node <> o.ver_node THEN
+        RETURN steep_repl._node_stronger(r.ver_node, o.ver_node);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- The loser's key becomes the tombstone every deciding node derives from the losing version v alone: one
+-- microsecond after it, of the pseudo node 'steep_repl' (no node writes as it, so no version of a real
+-- node is ever taken for an older one of the same origin), based on v, forced and one generation up (it
+-- beats a concurrent version based on v everywhere, and an apply worker that holds v's row deletes it).
+-- Every node that decides writes the same version; steep_repl.settle_unique_conflicts sends it from a
+-- local session later, for the nodes that never saw both rows (duplicates are no-ops there).
+CREATE OR REPLACE FUNCTION steep_repl._unique_tombstone(v steep_repl.row_version) RETURNS VOID
+LANGUAGE plpgsql SET search_path = '' AS $$
+BEGIN
+    IF v.tbl IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE steep_repl.row_version x
+       SET ver_ts = v.ver_ts + interval '1 microsecond', ver_node = 'steep_repl', depth = v.depth + 1,
+           epoch = v.epoch, deleted = true, base_ts = v.ver_ts, base_node = v.ver_node, origin_xid = v.origin_xid,
+           forced = true, gen = v.gen + 1, op = 'D', img = NULL
+     WHERE x.tbl = v.tbl AND x.pk = v.pk;
+    INSERT INTO steep_repl.unique_settle (tbl, pk) VALUES (v.tbl, v.pk) ON CONFLICT (tbl, pk) DO NOTHING;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl._unique_tombstone(steep_repl.row_version) FROM PUBLIC;
+
+-- Send the tombstones of the rows that lost a UNIQUE_VIOLATION here (queued by _unique_tombstone) to
+-- the other nodes: a local write of the same version row (the versions publication carries the INSERT).
+-- A node that applied the winner's deletion before it ever saw the loser keeps the loser otherwise. The
+-- agent calls it every cycle; without an agent: SELECT steep_repl.settle_unique_conflicts(); now and
+-- then. A key whose version moved on since is only dequeued. Returns how many tombstones were sent.
+CREATE OR REPLACE FUNCTION steep_repl.settle_unique_conflicts(p_limit INTEGER DEFAULT 1000) RETURNS INTEGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    q RECORD;
+    v steep_repl.row_version;
+    v_sent INTEGER := 0;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'p_limit must be a positive number of keys (got %)', coalesce(p_limit::TEXT, 'NULL')
+            USING HINT = 'Fix: call steep_repl.settle_unique_conflicts() without an argument (1000 keys).', ERRCODE = '22023';
+    END IF;
+    IF pg_catalog.pg_replication_origin_session_is_setup() THEN
+        RAISE EXCEPTION 'steep_repl.settle_unique_conflicts() must run in an ordinary session (this one replays a replication origin)'
+            USING HINT = 'Fix: call it from a plain connection to this node.', ERRCODE = '55000';
+    END IF;
+    FOR q IN DELETE FROM steep_repl.unique_settle s
+              WHERE (s.tbl, s.pk) IN (SELECT u.tbl, u.pk FROM steep_repl.unique_settle u
+                                       ORDER BY u.queued_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+          RETURNING s.tbl, s.pk LOOP
+        SELECT * INTO v FROM steep_repl.row_version x WHERE x.tbl = q.tbl AND x.pk = q.pk FOR UPDATE;
+        IF FOUND AND v.ver_node = 'steep_repl' AND v.deleted AND v.forced THEN
+            DELETE FROM steep_repl.row_version x WHERE x.tbl = q.tbl AND x.pk = q.pk;
+            INSERT INTO steep_repl.row_version VALUES (v.*);
+            v_sent := v_sent + 1;
+        END IF;
+    END LOOP;
+    RETURN v_sent;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl.settle_unique_conflicts(INTEGER) FROM PUBLIC;
+
+-- The row of key p_key (image p_img, its version already the local one) is about to be written by an
+-- apply worker, and the local row of key p_okey holds one of its other unique values. true: the incoming
+-- row stays, the other row goes now; false: the incoming row goes (the caller skips it, or deletes its
+-- old row). The loser's version becomes a tombstone. One conflict_log row (UNIQUE_VIOLATION; pk is the
+-- incoming key, the local tuple is the other row). keep_local, apply_remote and manual tables decide
+-- these by last_write_wins: the two rows are no versions of one row that a strategy could keep apart.
+CREATE OR REPLACE FUNCTION steep_repl._unique_decide(p_tbl TEXT, p_key TEXT, p_img JSONB, p_okey TEXT)
+RETURNS BOOLEAN LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    r steep_repl.row_version;
+    o steep_repl.row_version;
+    v_schema TEXT; v_name TEXT; v_strategy TEXT; v_list TEXT[];
+    v_in BOOLEAN; v_oimg JSONB; v_sub TEXT;
+BEGIN
+    SELECT * INTO r FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_key;
+    SELECT * INTO o FROM steep_repl.row_version v WHERE v.tbl = p_tbl AND v.pk = p_okey FOR UPDATE;
+    SELECT ct.table_schema, ct.table_name INTO v_schema, v_name FROM steep_repl.conflict_tables ct WHERE ct.tbl = p_tbl;
+    SELECT s.strategy, s.priority INTO v_strategy, v_list FROM steep_repl.table_strategy(v_schema, v_name) s;
+    IF v_strategy IS NULL OR v_strategy NOT IN ('first_write_wins', 'node_priority') THEN
+        v_strategy := 'last_write_wins';
+    END IF;
+    IF o.tbl IS NULL OR o.deleted THEN
+        v_in := true;                   -- a row without a (live) version: the versioned row wins
+    ELSIF r.tbl IS NULL OR r.deleted THEN
+        v_in := false;
+    ELSE
+        v_in := coalesce(steep_repl._unique_beats(v_strategy, v_list, r, o),
+                         (p_key COLLATE "C") < (p_okey COLLATE "C"));
+    END IF;
+    IF v_in THEN
+        v_oimg := steep_repl._rowop(p_tbl, 'take', p_okey, NULL);
+        PERFORM steep_repl._unique_tombstone(o);
+    ELSE
+        v_oimg := steep_repl._rowop(p_tbl, 'get', p_okey, NULL);
+        PERFORM steep_repl._unique_tombstone(r);
+    END IF;
+    v_sub := pg_catalog.current_setting('steep_repl.apply_sub', true);
+    IF v_sub IS NULL OR v_sub = '' THEN
+        v_sub := coalesce((SELECT s.subname::TEXT FROM pg_catalog.pg_stat_subscription s
+                           WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1), 'unknown');
+    END IF;
+    INSERT INTO steep_repl.conflict_log (subscription, table_schema, table_name, conflict_type,
+        local_tuple, remote_tuple, local_origin, remote_origin, local_xact_ts, remote_xact_ts, origin_xid,
+        resolution, resolved_at, resolved_by, pk, strategy, winner, local_version, remote_version, resolved_tuple)
+    VALUES (v_sub, v_schema, v_name, 'UNIQUE_VIOLATION',
+        v_oimg, p_img, o.ver_node, r.ver_node, o.ver_ts, r.ver_ts, r.origin_xid,
+        CASE WHEN v_in THEN 'APPLIED_REMOTE' ELSE 'KEPT_LOCAL' END, pg_catalog.now(), 'steep_repl:' || v_strategy,
+        p_key, v_strategy, CASE WHEN v_in THEN 'remote' ELSE 'local' END,
+        CASE WHEN o.tbl IS NULL THEN NULL ELSE steep_repl._version_json(o) END,
+        CASE WHEN r.tbl IS NULL THEN NULL ELSE steep_repl._version_json(r) END,
+        CASE WHEN v_in THEN p_img ELSE v_oimg END);
+    RETURN v_in;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl._unique_decide(TEXT, TEXT, JSONB, TEXT) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
 -- enable_table / disable_table: generated per-table functions and triggers
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION steep_repl._conflict_fn_suffix(p_tbl TEXT) RETURNS TEXT
@@ -1101,7 +1255,7 @@ AS $$ SELECT pg_catalog.to_jsonb($1) $$;
 -- not depend on session settings goes in as it is and any other through steep_repl._canon() (one SET
 -- function call, for such keys only). NULL: no primary key. Every place that names a row by its key
 -- (the generated triggers, reinit, verify, resolutions) builds it here.
-CREATE OR REPLACE FUNCTION steep_repl._key_expr(p_table pg_catalog.regclass, p_alias TEXT) RETURNS TEXT
+CREATE OR REPLACE FUNCTION steep_repl._cols_expr(p_table pg_catalog.regclass, p_cols INT2[], p_alias TEXT) RETURNS TEXT
 LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT 'pg_catalog.jsonb_build_array(' || pg_catalog.string_agg(
                CASE WHEN b.typtype = 'e' OR b.oid IN (
@@ -1116,12 +1270,41 @@ LANGUAGE sql STABLE SET search_path = '' AS $$
                     THEN p_alias || '.' || pg_catalog.quote_ident(a.attname)
                     ELSE 'steep_repl._canon(' || p_alias || '.' || pg_catalog.quote_ident(a.attname) || ')' END,
                ', ' ORDER BY k.ord) || ')::text'
-    FROM pg_catalog.pg_constraint con
-    CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-    JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+    FROM pg_catalog.unnest(p_cols) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = p_table AND a.attnum = k.attnum
     JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
     JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+$$;
+
+CREATE OR REPLACE FUNCTION steep_repl._key_expr(p_table pg_catalog.regclass, p_alias TEXT) RETURNS TEXT
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT steep_repl._cols_expr(p_table, con.conkey, p_alias)
+    FROM pg_catalog.pg_constraint con
     WHERE con.conrelid = p_table AND con.contype = 'p'
+$$;
+
+-- The statements that take, for row p_alias, a transaction lock on each value of the table's other unique
+-- keys (those steep decides; NULL values take none unless the index says NULLS NOT DISTINCT). Local writers
+-- (capture) and apply workers (uniq_<h>) both take them, after the version: an apply worker's check for a
+-- row holding the value then sees every local row that holds it committed, never one in flight that would
+-- make its own write fail on the unique index. NULL: no such key.
+CREATE OR REPLACE FUNCTION steep_repl._unique_lock_sql(p_table pg_catalog.regclass, p_alias TEXT) RETURNS TEXT
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT pg_catalog.string_agg(pg_catalog.format(
+               E'\n    IF %s THEN PERFORM pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%L || %s)); END IF;',
+               CASE WHEN i.indnullsnotdistinct THEN 'true' ELSE (
+                   SELECT pg_catalog.string_agg(p_alias || '.' || pg_catalog.quote_ident(a.attname) || ' IS NOT NULL', ' AND ')
+                     FROM pg_catalog.unnest(i.indkey::INT2[]) WITH ORDINALITY AS k(attnum, o)
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                    WHERE k.o <= i.indnkeyatts) END,
+               pg_catalog.hashtext('steep_repl unique'),
+               c.relname || E'\t',
+               steep_repl._cols_expr(p_table, (i.indkey::INT2[])[0:i.indnkeyatts - 1], p_alias)), '' ORDER BY i.indexrelid)
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+     WHERE i.indrelid = p_table AND i.indisunique AND NOT i.indisprimary AND i.indexprs IS NULL AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute g
+                        WHERE g.attrelid = p_table AND g.attnum = ANY(i.indkey::INT2[]) AND g.attgenerated <> '')
 $$;
 
 -- The stamp of the templates enable_table() generates from (conflict_tables.generator).
@@ -1138,7 +1321,7 @@ DECLARE
     v_pk TEXT[]; v_cols TEXT[];
     v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
     v_setx TEXT; v_pklist TEXT; v_newmatch TEXT; v_oldmatch TEXT;
-    v_rowop TEXT; v_capture TEXT; v_apply TEXT;
+    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := '';
     v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
 BEGIN
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
@@ -1168,14 +1351,32 @@ BEGIN
     v_rowop := 'steep_repl.' || pg_catalog.quote_ident('rowop_' || v_h);
     v_capture := 'steep_repl.' || pg_catalog.quote_ident('capture_' || v_h);
     v_apply := 'steep_repl.' || pg_catalog.quote_ident('apply_' || v_h);
+    v_uniqfn := 'steep_repl.' || pg_catalog.quote_ident('uniq_' || v_h);
+    -- the table's other unique keys (constraints and indexes on plain columns, not the primary key): the
+    -- condition that finds a local row of another key holding one of the values of row steep_n_. NULL in a
+    -- key column matches nothing unless the index says NULLS NOT DISTINCT. Unique indexes on expressions or
+    -- generated columns, and partial ones, are not covered (the replication module warns about them).
+    SELECT pg_catalog.string_agg('(' || (
+               SELECT pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(a.attname)
+                          || CASE WHEN i.indnullsnotdistinct THEN ' IS NOT DISTINCT FROM ' ELSE ' = ' END
+                          || 'steep_n_.' || pg_catalog.quote_ident(a.attname), ' AND ' ORDER BY k.o)
+                 FROM pg_catalog.unnest(i.indkey::INT2[]) WITH ORDINALITY AS k(attnum, o)
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                WHERE k.o <= i.indnkeyatts) || ')', ' OR ' ORDER BY i.indexrelid)
+      INTO v_uniq
+      FROM pg_catalog.pg_index i
+     WHERE i.indrelid = p_table AND i.indisunique AND NOT i.indisprimary AND i.indexprs IS NULL AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute g      -- computed after BEFORE triggers
+                        WHERE g.attrelid = p_table AND g.attnum = ANY(i.indkey::INT2[]) AND g.attgenerated <> '');
 
     v_pk_new := steep_repl._key_expr(p_table, 'NEW');
     v_pk_old := steep_repl._key_expr(p_table, 'OLD');
     SELECT pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_k_.' || pg_catalog.quote_ident(c), ' AND '),
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = NEW.' || pg_catalog.quote_ident(c), ' AND '),
            pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = OLD.' || pg_catalog.quote_ident(c), ' AND '),
+           pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(c) || ' = steep_n_.' || pg_catalog.quote_ident(c), ' AND '),
            'pg_catalog.jsonb_build_object(' || pg_catalog.string_agg(pg_catalog.quote_literal(c) || ', steep_j_->' || (o - 1), ', ') || ')'
-      INTO v_match, v_newmatch, v_oldmatch, v_keyobj
+      INTO v_match, v_newmatch, v_oldmatch, v_nmatch, v_keyobj
     FROM pg_catalog.unnest(v_pk) WITH ORDINALITY AS u(c, o);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c) || ' = steep_x_.' || pg_catalog.quote_ident(c), ', '),
            pg_catalog.string_agg(pg_catalog.quote_ident(c), ', '),
@@ -1244,16 +1445,43 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         -- no version when the key is live (checked under the version's lock): the INSERT fails or
         -- turns into ON CONFLICT DO UPDATE (captured then) / DO NOTHING
-        PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW), true);
+        PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW), true);%7$s
         RETURN NEW;
     END IF;
     steep_ok_ := %4$s;
     IF steep_ok_ <> steep_k_ THEN
         PERFORM steep_repl._capture(%2$L, steep_ok_, true, NULL);
     END IF;
-    PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW));
+    PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW));%7$s
     RETURN NEW;
-END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch);
+END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, coalesce(steep_repl._unique_lock_sql(p_table, 'NEW'), ''));
+
+    -- uniq: other unique keys (anyelement: a parameter of the table's row type would make DROP TABLE
+    -- depend on this function). Before an apply worker writes a row, each local row of another key that
+    -- holds one of its unique values is decided against it (steep_repl._unique_decide): false when the
+    -- incoming row loses (it is not written). The apply trigger calls it before every row it lets through.
+    IF v_uniq IS NOT NULL THEN
+        EXECUTE pg_catalog.format($f$
+CREATE OR REPLACE FUNCTION %1$s(steep_n_ anyelement) RETURNS BOOLEAN
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $body$
+DECLARE steep_o_ TEXT; steep_k_ TEXT := %4$s;
+BEGIN%8$s
+    FOR steep_o_ IN SELECT %5$s FROM ONLY %2$s AS steep_t_ WHERE (%6$s) AND NOT (%7$s) LOOP
+        IF NOT steep_repl._unique_decide(%3$L, steep_k_, pg_catalog.to_jsonb(steep_n_), steep_o_) THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    RETURN true;
+END $body$ $f$, v_uniqfn, v_q, v_tbl, steep_repl._key_expr(p_table, 'steep_n_'), steep_repl._key_expr(p_table, 'steep_t_'),
+               v_uniq, v_nmatch, steep_repl._unique_lock_sql(p_table, 'steep_n_'));
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(anyelement) FROM PUBLIC', v_uniqfn);
+        -- the incoming row lost: an UPDATE's old row goes too (the key's version is a tombstone now)
+        v_chk := pg_catalog.format(E'\n    IF NOT %s(NEW) THEN\n        IF TG_OP = ''UPDATE'' THEN DELETE FROM ONLY %s AS steep_t_ WHERE %s; END IF;\n        RETURN NULL;\n    END IF;',
+                                   v_uniqfn, v_q, v_oldmatch);
+        v_chkm := E'\n    IF pg_catalog.pg_replication_origin_session_is_setup() AND TG_OP <> ''DELETE'' THEN' || v_chk || E'\n    END IF;';
+    ELSE
+        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s(anyelement)', v_uniqfn);
+    END IF;
 
     -- apply: fires only while the transaction's apply context lists keys (WHEN clause): the user-row
     -- change of a key decided "s" by its version is skipped (decided, materialised or a duplicate);
@@ -1267,10 +1495,15 @@ DECLARE steep_c_ TEXT; steep_k_ TEXT; steep_ok_ TEXT; steep_s_ BOOLEAN; steep_os
 BEGIN
     IF pg_catalog.pg_trigger_depth() > 1 OR NOT pg_catalog.pg_replication_origin_session_is_setup() THEN
         -- our own materialisation (nested) or a replica-role write that is no apply worker
-        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;%10$s
         RETURN NEW;
     END IF;
     steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
+    IF steep_c_ = '' THEN
+        -- nothing pending (a table with other unique keys has no WHEN clause): the change applies as it is
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;%9$s
+        RETURN NEW;
+    END IF;
     IF TG_OP <> 'INSERT' THEN
         steep_ok_ := %2$L || E'\t' || %4$s;
         IF pg_catalog.strpos(steep_c_, E'\nm' || steep_ok_ || E'\n') > 0 THEN
@@ -1279,7 +1512,8 @@ BEGIN
                AND pg_catalog.left(steep_i_, pg_catalog.length(steep_ok_) + 1) = steep_ok_ || E'\n' THEN
                 -- a remote update that won a conflict (the only entry): this change carries R's image
                 steep_c_ := pg_catalog.set_config('steep_repl.apply_ctx', '', true);
-                RETURN pg_catalog.jsonb_populate_record(NEW, pg_catalog.substr(steep_i_, pg_catalog.length(steep_ok_) + 2)::JSONB);
+                NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.substr(steep_i_, pg_catalog.length(steep_ok_) + 2)::JSONB);%9$s
+                RETURN NEW;
             END IF;
             -- anything else: the image is materialised now (from the version) and this change is skipped
             PERFORM steep_repl._ctx_set(steep_ok_, 's');
@@ -1307,7 +1541,7 @@ BEGIN
     END IF;
     IF TG_OP = 'UPDATE' THEN
         IF steep_ok_ = steep_k_ THEN
-            IF steep_s_ THEN RETURN NULL; END IF;
+            IF steep_s_ THEN RETURN NULL; END IF;%9$s
             RETURN NEW;
         END IF;
         -- a primary-key change: the old key's tombstone and the new key's version were decided apart
@@ -1326,7 +1560,7 @@ BEGIN
             END IF;
             PERFORM %8$s('put', %3$s, pg_catalog.to_jsonb(NEW));
             RETURN NULL;
-        END IF;
+        END IF;%9$s
         RETURN NEW;
     END IF;
     IF steep_s_ THEN
@@ -1335,16 +1569,18 @@ BEGIN
     IF EXISTS (SELECT 1 FROM ONLY %5$s AS steep_t_ WHERE %6$s) THEN
         PERFORM %8$s('upd', %3$s, pg_catalog.to_jsonb(NEW));
         RETURN NULL;
-    END IF;
+    END IF;%9$s
     RETURN NEW;
-END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch, v_rowop);
+END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch, v_rowop, v_chk, v_chkm);
 
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '
                               'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_capture);
+    -- (with other unique keys, every applied row is checked: no WHEN clause)
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON %s '
-                              'FOR EACH ROW WHEN (pg_catalog.current_setting(''steep_repl.apply_ctx'', true) <> '''') '
-                              'EXECUTE FUNCTION %s()', v_q, v_apply);
+                              'FOR EACH ROW %s EXECUTE FUNCTION %s()', v_q,
+                              CASE WHEN v_uniq IS NULL THEN 'WHEN (pg_catalog.current_setting(''steep_repl.apply_ctx'', true) <> '''')' ELSE '' END,
+                              v_apply);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_apply', v_q);
     -- TRUNCATE (local or applied from a peer) forgets the table's versions on that node, so the rows
     -- inserted afterwards get first versions again (never an unversioned change that could stop a
@@ -1383,12 +1619,16 @@ END $$;
 -- and its versions (disable_table, and a DROP of the table; conflict_log keeps its history).
 CREATE OR REPLACE FUNCTION steep_repl._forget_table(p_schema TEXT, p_name TEXT) RETURNS VOID
 LANGUAGE plpgsql SET search_path = '' AS $$
-DECLARE v_tbl TEXT := p_schema || '.' || p_name; v_h TEXT;
+DECLARE v_tbl TEXT := p_schema || '.' || p_name; v_h TEXT; v_fn pg_catalog.regprocedure;
 BEGIN
     v_h := steep_repl._conflict_fn_suffix(v_tbl);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'capture_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I()', 'apply_' || v_h);
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS steep_repl.%I(TEXT, TEXT, JSONB)', 'rowop_' || v_h);
+    FOR v_fn IN SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
+                 WHERE p.pronamespace = 'steep_repl'::pg_catalog.regnamespace AND p.proname = 'uniq_' || v_h LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %s', v_fn);
+    END LOOP;
     DELETE FROM steep_repl.conflict_tables WHERE tbl = v_tbl;
     DELETE FROM steep_repl.row_version WHERE tbl = v_tbl;
     PERFORM steep_repl._rowop_regenerate();
@@ -1411,6 +1651,18 @@ BEGIN
               WHERE d.object_type = 'table' LOOP
         PERFORM steep_repl._forget_table(r.table_schema, r.table_name);
     END LOOP;
+    -- DROP INDEX of a unique index: the tables of that schema that check other unique keys get their
+    -- functions again (a check of a unique key that is gone would remove rows that violate nothing)
+    IF TG_TAG = 'DROP INDEX' THEN
+        FOR r IN SELECT DISTINCT c.oid FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                   JOIN steep_repl.conflict_tables ct ON ct.table_schema = d.schema_name
+                   JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(
+                        pg_catalog.quote_ident(ct.table_schema) || '.' || pg_catalog.quote_ident(ct.table_name))
+                  WHERE d.object_type = 'index'
+                    AND pg_catalog.to_regproc('steep_repl.' || pg_catalog.quote_ident('uniq_' || steep_repl._conflict_fn_suffix(ct.tbl))) IS NOT NULL LOOP
+            PERFORM steep_repl.enable_table(r.oid::pg_catalog.regclass);
+        END LOOP;
+    END IF;
 END $$;
 
 -- Re-generate the functions after ALTER TABLE (columns added, dropped, renamed).
@@ -1422,12 +1674,14 @@ BEGIN
         RETURN;                                 -- our own ALTER TABLE ... ENABLE REPLICA TRIGGER
     END IF;
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
-    FOR r IN SELECT DISTINCT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
-             JOIN pg_catalog.pg_class c ON c.oid = d.objid
+    -- ALTER TABLE (columns, keys, constraints) and CREATE UNIQUE INDEX (another unique key to check)
+    FOR r IN SELECT DISTINCT c.oid AS objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
+             LEFT JOIN pg_catalog.pg_index i ON d.command_tag = 'CREATE INDEX' AND i.indexrelid = d.objid
+             JOIN pg_catalog.pg_class c ON c.oid = CASE WHEN d.command_tag = 'CREATE INDEX' THEN i.indrelid ELSE d.objid END
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
              JOIN steep_repl.conflict_tables ct ON ct.table_schema = n.nspname AND ct.table_name = c.relname
-             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.command_tag = 'ALTER TABLE'
-               AND d.objsubid = 0 LOOP
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objsubid = 0
+               AND (d.command_tag = 'ALTER TABLE' OR (d.command_tag = 'CREATE INDEX' AND i.indisunique)) LOOP
         PERFORM steep_repl.enable_table(r.objid::pg_catalog.regclass);
     END LOOP;
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', '', true);
@@ -1435,8 +1689,10 @@ END $$;
 
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_ddl') THEN
-        CREATE EVENT TRIGGER steep_repl_conflict_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_ddl'
+                   AND evttags @> ARRAY['ALTER TABLE', 'CREATE INDEX']) THEN
+        DROP EVENT TRIGGER IF EXISTS steep_repl_conflict_ddl;      -- an earlier build: ALTER TABLE only
+        CREATE EVENT TRIGGER steep_repl_conflict_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE INDEX')
             EXECUTE FUNCTION steep_repl._conflict_ddl();
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'steep_repl_conflict_drop') THEN
@@ -1755,6 +2011,12 @@ BEGIN
         RAISE EXCEPTION 'conflict % does not exist', p_conflict_id
             USING HINT = 'Fix: SELECT id, resolution FROM steep_repl.conflict_log ORDER BY id DESC; to find it.',
                   ERRCODE = 'P0002';
+    END IF;
+    IF c.conflict_type = 'UNIQUE_VIOLATION' THEN
+        RAISE EXCEPTION 'conflict % cannot be reverted: it is a UNIQUE_VIOLATION between two rows of %.% (key % and the row in local_tuple), which cannot both exist',
+            p_conflict_id, c.table_schema, c.table_name, c.pk
+            USING HINT = 'Fix: to keep the other row, change or delete the row that won on one node (nothing waits for it), then insert the other row again from local_tuple/remote_tuple.',
+                  ERRCODE = '55000';
     END IF;
     IF c.resolution IS NULL OR c.resolution NOT IN ('APPLIED_REMOTE', 'KEPT_LOCAL', 'MERGED') THEN
         RAISE EXCEPTION 'conflict % cannot be reverted: its resolution is %', p_conflict_id, coalesce(c.resolution, 'NULL')

@@ -301,6 +301,15 @@ class Agent:
             except Exception as exc:
                 events.append("identity range expansion failed: %s" % short_error(exc))
 
+        # Rows that lost a UNIQUE_VIOLATION here: their tombstones go to the other nodes (docs/conflicts.md).
+        if ok and data.get("extension") and not self.readonly:
+            try:
+                sent = collect.settle_unique(self.local_conn)
+                if sent:
+                    events.append("sent %d unique-conflict tombstone(s)" % sent)
+            except Exception as exc:
+                events.append("sending unique-conflict tombstones failed: %s" % short_error(exc))
+
         if ok and data.get("extension") and not self.readonly:
             state = dict(node=coordinator, term=self.term, decided_by=self.me["name"], voters=dec["voters"],
                          quorum=dec["quorum"], total=total, mode=self.cfg["mode"])

@@ -140,6 +140,13 @@ def expand_ranges(conn, threshold):
     return fn(conn, threshold)
 
 
+def settle_unique(conn):
+    """Tombstones of rows that lost a UNIQUE_VIOLATION here, sent to the other nodes (conflicts module_utils)."""
+    mod = optional_module("conflicts")
+    fn = getattr(mod, "settle_unique", None) if mod else None
+    return fn(conn) if fn else 0
+
+
 def local_snapshot(conn, me):
     """Everything the agent reports about its own node (one round trip per area)."""
     snap = dict(extension=db.extension_version(conn))

@@ -323,3 +323,14 @@ def explain_db_error(exc):
     elif getattr(exc, "pgcode", None) in RETRYABLE:
         text += ". Fix: re-run the task, nothing was written (%s: docs/conflicts.md, Deadlocks)." % RETRYABLE[exc.pgcode]
     return text
+
+
+def settle_unique(conn, limit=1000):
+    """Send the tombstones of rows that lost a UNIQUE_VIOLATION on this node to the other nodes
+    (``steep_repl.settle_unique_conflicts``). Returns how many went out; 0 on an extension without the
+    function. The agent calls it every cycle."""
+    if not fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.settle_unique_conflicts(integer)') IS NOT NULL"):
+        return 0
+    sent = fetch_value(conn, "SELECT steep_repl.settle_unique_conflicts(%s)", (int(limit),))
+    conn.commit()
+    return sent

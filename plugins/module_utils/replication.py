@@ -381,17 +381,45 @@ def check_clocks(members, samples=5, warn_ms=100, max_ms=1000):
 
 # --------------------------------------------------------------------------- observation
 def candidate_catalog(conn, schemas):
-    """{'schema.table': {'kind', 'has_pk', 'partition'}} for the given schemas."""
+    """{'schema.table': {'kind', 'has_pk', 'partition', 'uncovered_unique'}} for the given schemas.
+    ``uncovered_unique``: the table's unique indexes on expressions, on generated columns or with a WHERE
+    clause, which the conflict engine does not decide (steep_repl.enable_table covers unique keys on
+    plain columns)."""
     rows = fetch_all(conn, """
         SELECT n.nspname || '.' || c.relname AS name, c.relkind::text AS kind,
                c.relispartition AS partition,
                EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
-                       WHERE k.conrelid = c.oid AND k.contype = 'p') AS has_pk
+                       WHERE k.conrelid = c.oid AND k.contype = 'p') AS has_pk,
+               ARRAY(SELECT n.nspname || '.' || ic.relname FROM pg_catalog.pg_index i
+                      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                      WHERE i.indrelid = c.oid AND i.indisunique AND NOT i.indisprimary
+                        AND (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL
+                             OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                         WHERE a.attrelid = c.oid AND a.attnum = ANY(i.indkey::int2[])
+                                           AND a.attgenerated <> ''))
+                      ORDER BY 1) AS uncovered_unique
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')""", (sorted(schemas),))
-    return {r["name"]: {"kind": r["kind"], "has_pk": r["has_pk"], "partition": r["partition"]}
+    return {r["name"]: {"kind": r["kind"], "has_pk": r["has_pk"], "partition": r["partition"],
+                        "uncovered_unique": list(r["uncovered_unique"] or [])}
             for r in rows}
+
+
+def uncovered_unique_warnings(catalogs, desired):
+    """Warnings for replicated tables with unique indexes the conflict engine does not decide (on an
+    expression or a generated column, or partial): two nodes writing one value there concurrently stop a subscription as
+    native replication does. Pure."""
+    found = {}
+    for node in sorted(catalogs):
+        for t in desired:
+            for idx in (catalogs[node].get(t) or {}).get("uncovered_unique", ()):
+                found.setdefault((t, idx), []).append(node)
+    return ["table %s has the unique index %s (on %s) on an expression or a generated column, or with a WHERE "
+            "clause: steep decides unique values of plain columns only, so two nodes writing one value of it concurrently stop a "
+            "subscription (insert_exists), as native replication does. Fix: make it a unique constraint on "
+            "plain columns (store the normalised value, e.g. lower(email), in the column itself), or write "
+            "those values on one node only." % (t, idx, ", ".join(nodes)) for (t, idx), nodes in sorted(found.items())]
 
 
 def observe(conn, publication=PUBLICATION, node_id=None):
@@ -1022,6 +1050,7 @@ def ensure_mesh(specs, tables=None, schemas=None, excluded=None, publication=PUB
         catalogs = mesh.catalogs(wanted_schemas)
         desired = resolve_tables(catalogs, tables, schemas, excluded, mesh.schemas_present(wanted_schemas))
         actions, warnings, info = plan(members, states, desired, publication)
+        warnings = warnings + uncovered_unique_warnings(catalogs, desired)
         before = {i: summary(s) for i, s in states.items()}
         try:
             mesh.run(actions)

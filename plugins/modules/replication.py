@@ -37,6 +37,9 @@ description:
   - A node that joins an already running mesh without having been initialised (see C(playbooks/init_node.yml)) is left
     alone with a warning; a fresh mesh (no subscriptions yet) wires every node.
   - Validates everything (tables exist on every node, are ordinary tables, have a primary key) before changing anything.
+  - Warns about unique indexes the conflict engine does not decide (on an expression or a generated column, or partial);
+    two nodes writing one value of such an index concurrently stop a subscription, as native replication does. Unique
+    constraints and indexes on plain columns are decided (a C(UNIQUE_VIOLATION) in C(steep_repl.conflict_log)).
   - Takes a session advisory lock on every node (in node id order) so two runs never interleave.
 version_added: "1.1.0"
 author:

@@ -496,3 +496,14 @@ def test_publication_name_leaves_room_for_the_versions_publication():
     with pytest.raises(SteepError) as err:
         r.ensure_mesh([{"node_id": "a"}, {"node_id": "b"}], publication="p" * 60)
     assert "at most 63 bytes" in str(err.value) and "Nothing was changed" in str(err.value)
+
+
+def test_unique_indexes_the_engine_does_not_decide_are_warned_once_per_index():
+    cat = {"n1": {"public.t": {"kind": "r", "has_pk": True, "uncovered_unique": ["public.t_lower"]},
+                  "public.u": {"kind": "r", "has_pk": True, "uncovered_unique": ["public.u_part"]}},
+           "n2": {"public.t": {"kind": "r", "has_pk": True, "uncovered_unique": ["public.t_lower"]},
+                  "public.u": {"kind": "r", "has_pk": True}}}
+    got = r.uncovered_unique_warnings(cat, ["public.t"])
+    assert len(got) == 1 and "public.t_lower" in got[0] and "(on n1, n2)" in got[0] and "Fix:" in got[0]
+    assert "public.u_part (on n1)" in r.uncovered_unique_warnings(cat, ["public.t", "public.u"])[1]
+    assert r.uncovered_unique_warnings(cat, []) == []
