@@ -822,8 +822,8 @@ REVOKE ALL ON FUNCTION steep_repl._version_decide(BOOLEAN, steep_repl.row_versio
 -- Other unique keys: two rows of different primary keys that take one value of another unique
 -- constraint (two nodes insert the same e-mail address under two ids). Native apply stops on it
 -- (insert_exists on the unique index, for ever); steep decides between the two rows' versions, as every
--- node does, and the losing row goes: its version becomes a tombstone at the same (ver_ts, ver_node), on
--- every node, so the next write of its key descends from it ("Other unique keys" in docs/conflicts.md).
+-- node does, and the losing row goes: its key gets a tombstone every deciding node derives alike
+-- (_unique_tombstone), so the next write of its key descends from it ("Other unique keys" in docs/conflicts.md).
 -- ---------------------------------------------------------------------------------------------
 -- Does version r (of one key) beat version o (of another key that took the same unique value)? Only the
 -- time, node and priority list mean anything across two keys (generation, incarnation and depth count
@@ -1035,6 +1035,20 @@ LANGUAGE sql STABLE SET search_path = '' AS $$
     WHERE con.conrelid = p_table AND con.contype = 'p'
 $$;
 
+-- The table's other unique keys that steep decides: unique constraints and indexes on plain columns,
+-- not the primary key (expression and partial indexes are not, and generated columns are computed after
+-- BEFORE triggers; the replication module warns about those). Key columns in index order.
+CREATE OR REPLACE FUNCTION steep_repl._unique_keys(p_table pg_catalog.regclass)
+RETURNS TABLE (index_oid pg_catalog.oid, index_name TEXT, nulls_not_distinct BOOLEAN, cols INT2[])
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT i.indexrelid, c.relname::TEXT, i.indnullsnotdistinct, (i.indkey::INT2[])[0:i.indnkeyatts - 1]
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+     WHERE i.indrelid = p_table AND i.indisunique AND NOT i.indisprimary AND i.indexprs IS NULL AND i.indpred IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute g
+                        WHERE g.attrelid = p_table AND g.attnum = ANY(i.indkey::INT2[]) AND g.attgenerated <> '')
+$$;
+
 -- The statements that take, for row p_alias, a transaction lock on each value of the table's other unique
 -- keys (those steep decides; NULL values take none unless the index says NULLS NOT DISTINCT). Local writers
 -- (capture) and apply workers (uniq_<h>) both take them, after the version: an apply worker's check for a
@@ -1044,19 +1058,14 @@ CREATE OR REPLACE FUNCTION steep_repl._unique_lock_sql(p_table pg_catalog.regcla
 LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT pg_catalog.string_agg(pg_catalog.format(
                E'\n    IF %s THEN PERFORM pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%L || %s)); END IF;',
-               CASE WHEN i.indnullsnotdistinct THEN 'true' ELSE (
+               CASE WHEN u.nulls_not_distinct THEN 'true' ELSE (
                    SELECT pg_catalog.string_agg(p_alias || '.' || pg_catalog.quote_ident(a.attname) || ' IS NOT NULL', ' AND ')
-                     FROM pg_catalog.unnest(i.indkey::INT2[]) WITH ORDINALITY AS k(attnum, o)
-                     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                    WHERE k.o <= i.indnkeyatts) END,
+                     FROM pg_catalog.unnest(u.cols) AS k(attnum)
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = p_table AND a.attnum = k.attnum) END,
                pg_catalog.hashtext('steep_repl unique'),
-               c.relname || E'\t',
-               steep_repl._cols_expr(p_table, (i.indkey::INT2[])[0:i.indnkeyatts - 1], p_alias)), '' ORDER BY i.indexrelid)
-      FROM pg_catalog.pg_index i
-      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-     WHERE i.indrelid = p_table AND i.indisunique AND NOT i.indisprimary AND i.indexprs IS NULL AND i.indpred IS NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute g
-                        WHERE g.attrelid = p_table AND g.attnum = ANY(i.indkey::INT2[]) AND g.attgenerated <> '')
+               u.index_name || E'\t',
+               steep_repl._cols_expr(p_table, u.cols, p_alias)), '' ORDER BY u.index_oid)
+      FROM steep_repl._unique_keys(p_table) u
 $$;
 
 -- The stamp of the templates enable_table() generates from (conflict_tables.generator).
@@ -1073,7 +1082,7 @@ DECLARE
     v_pk TEXT[]; v_cols TEXT[];
     v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
     v_setx TEXT; v_pklist TEXT; v_newmatch TEXT; v_oldmatch TEXT;
-    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := '';
+    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := ''; v_plain TEXT := '';
     v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
 BEGIN
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
@@ -1104,22 +1113,18 @@ BEGIN
     v_capture := 'steep_repl.' || pg_catalog.quote_ident('capture_' || v_h);
     v_apply := 'steep_repl.' || pg_catalog.quote_ident('apply_' || v_h);
     v_uniqfn := 'steep_repl.' || pg_catalog.quote_ident('uniq_' || v_h);
-    -- the table's other unique keys (constraints and indexes on plain columns, not the primary key): the
-    -- condition that finds a local row of another key holding one of the values of row steep_n_. NULL in a
-    -- key column matches nothing unless the index says NULLS NOT DISTINCT. Unique indexes on expressions or
-    -- generated columns, and partial ones, are not covered (the replication module warns about them).
+    -- the table's other unique keys (steep_repl._unique_keys): the condition that finds a local row of
+    -- another key holding one of the values of row steep_n_. NULL in a key column matches nothing unless
+    -- the index says NULLS NOT DISTINCT.
     SELECT pg_catalog.string_agg('(' || (
                SELECT pg_catalog.string_agg('steep_t_.' || pg_catalog.quote_ident(a.attname)
-                          || CASE WHEN i.indnullsnotdistinct THEN ' IS NOT DISTINCT FROM ' ELSE ' = ' END
+                          || CASE WHEN u.nulls_not_distinct THEN ' IS NOT DISTINCT FROM ' ELSE ' = ' END
                           || 'steep_n_.' || pg_catalog.quote_ident(a.attname), ' AND ' ORDER BY k.o)
-                 FROM pg_catalog.unnest(i.indkey::INT2[]) WITH ORDINALITY AS k(attnum, o)
-                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                WHERE k.o <= i.indnkeyatts) || ')', ' OR ' ORDER BY i.indexrelid)
+                 FROM pg_catalog.unnest(u.cols) WITH ORDINALITY AS k(attnum, o)
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = p_table AND a.attnum = k.attnum) || ')',
+               ' OR ' ORDER BY u.index_oid)
       INTO v_uniq
-      FROM pg_catalog.pg_index i
-     WHERE i.indrelid = p_table AND i.indisunique AND NOT i.indisprimary AND i.indexprs IS NULL AND i.indpred IS NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute g      -- computed after BEFORE triggers
-                        WHERE g.attrelid = p_table AND g.attnum = ANY(i.indkey::INT2[]) AND g.attgenerated <> '');
+      FROM steep_repl._unique_keys(p_table) u;
 
     v_pk_new := steep_repl._key_expr(p_table, 'NEW');
     v_pk_old := steep_repl._key_expr(p_table, 'OLD');
@@ -1231,6 +1236,9 @@ END $body$ $f$, v_uniqfn, v_q, v_tbl, steep_repl._key_expr(p_table, 'steep_n_'),
         v_chk := pg_catalog.format(E'\n    IF NOT %s(NEW) THEN\n        IF TG_OP = ''UPDATE'' THEN DELETE FROM ONLY %s AS steep_t_ WHERE %s; END IF;\n        RETURN NULL;\n    END IF;',
                                    v_uniqfn, v_q, v_oldmatch);
         v_chkm := E'\n    IF pg_catalog.pg_replication_origin_session_is_setup() AND TG_OP <> ''DELETE'' THEN' || v_chk || E'\n    END IF;';
+        -- no WHEN clause: with nothing pending in the context the change applies as it is, checked
+        v_plain := E'\n    IF steep_c_ = '''' THEN\n        IF TG_OP = ''DELETE'' THEN RETURN OLD; END IF;' || v_chk
+                   || E'\n        RETURN NEW;\n    END IF;';
     ELSE
         EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s(anyelement)', v_uniqfn);
     END IF;
@@ -1250,12 +1258,7 @@ BEGIN
         IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;%10$s
         RETURN NEW;
     END IF;
-    steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');
-    IF steep_c_ = '' THEN
-        -- nothing pending (a table with other unique keys has no WHEN clause): the change applies as it is
-        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;%9$s
-        RETURN NEW;
-    END IF;
+    steep_c_ := coalesce(pg_catalog.current_setting('steep_repl.apply_ctx', true), '');%11$s
     IF TG_OP <> 'INSERT' THEN
         steep_ok_ := %2$L || E'\t' || %4$s;
         IF pg_catalog.strpos(steep_c_, E'\nm' || steep_ok_ || E'\n') > 0 THEN
@@ -1323,7 +1326,7 @@ BEGIN
         RETURN NULL;
     END IF;%9$s
     RETURN NEW;
-END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch, v_rowop, v_chk, v_chkm);
+END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch, v_rowop, v_chk, v_chkm, v_plain);
 
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '
