@@ -325,12 +325,15 @@ def explain_db_error(exc):
     return text
 
 
-def settle_unique(conn, limit=1000):
+def settle_unique(conn, limit=1000, check_mode=False):
     """Send the tombstones of rows that lost a UNIQUE_VIOLATION on this node to the other nodes
-    (``steep_repl.settle_unique_conflicts``). Returns how many went out; 0 on an extension without the
-    function. The agent calls it every cycle."""
+    (``steep_repl.settle_unique_conflicts``). Returns how many went out (in check mode: how many are
+    queued, nothing sent); 0 on an extension without the function. The agent calls it every cycle, the
+    tombstones module once per node before it settles horizons."""
     if not fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.settle_unique_conflicts(integer)') IS NOT NULL"):
         return 0
+    if check_mode:
+        return fetch_value(conn, "SELECT count(*) FROM steep_repl.unique_settle")
     sent = fetch_value(conn, "SELECT steep_repl.settle_unique_conflicts(%s)", (int(limit),))
     conn.commit()
     return sent

@@ -30,6 +30,7 @@ __metaclass__ = type
 
 import json
 
+from ansible_collections.steep.repl.plugins.module_utils.conflicts import settle_unique
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, fetch_all, fetch_one, fetch_value
 from ansible_collections.steep.repl.plugins.module_utils.replication import (
     WAL_MARK, Mesh, build_members, slot_name, subscription_name, wait_slot_confirmed, wait_transactions_ended)
@@ -109,6 +110,21 @@ def _counts(mesh):
     return dict((m.node_id, dict(fetch_one(m.conn, COUNTS))) for m in mesh.members)
 
 
+def _settle_unique(mesh, batch, check_mode, queries):
+    """Send every node's queued unique-conflict tombstones (what the agent does every cycle), in batches:
+    a node that never saw both rows of a UNIQUE_VIOLATION drops the loser, and the rounds then carry them.
+    Returns {node_id: sent} (in check mode: queued)."""
+    done = {}
+    for m in mesh.members:
+        done[m.node_id] = n = settle_unique(m.conn, batch, check_mode)
+        while not check_mode and n == batch:
+            n = settle_unique(m.conn, batch)
+            done[m.node_id] += n
+        if done[m.node_id]:
+            queries.append("/* %s */ SELECT steep_repl.settle_unique_conflicts(%d)" % (m.node_id, batch))
+    return done
+
+
 def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
     """Settle and purge tombstones on the whole mesh. Returns a result dict."""
     if batch < 1:
@@ -128,13 +144,15 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
         candidates = dict((m.node_id, fetch_value(m.conn, CANDIDATES, (list(ORDERED), ids))) for m in mesh.members)
         result = {"nodes": [m.node_id for m in members], "queries": [], "horizons": {},
                   "purged": dict((i, 0) for i in before)}
+        unique = _settle_unique(mesh, batch, check_mode, result["queries"])
+        result["would_settle_unique" if check_mode else "unique_settled"] = unique
         if not any(candidates.values()) and not any(c["settled"] for c in before.values()):
-            result.update(changed=False, diff={"before": before, "after": before})
+            result.update(changed=any(unique.values()), diff={"before": before, "after": _counts(mesh)})
             return result
         if check_mode:
             # what a run would purge at most: the tombstones of ordered tables written until now
             after = dict((i, dict(tombstones=c["tombstones"] - candidates[i], settled=0)) for i, c in before.items())
-            result["queries"] = ["/* %s */ SELECT steep_repl.set_tombstone_horizon(...)" % i for i in sorted(before)] + [
+            result["queries"] += ["/* %s */ SELECT steep_repl.set_tombstone_horizon(...)" % i for i in sorted(before)] + [
                 "/* %s */ SELECT steep_repl.purge_tombstones(%d)" % (i, batch) for i in sorted(before)]
             result.update(changed=True, would_purge=candidates, diff={"before": before, "after": after})
             return result
@@ -153,5 +171,6 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
             result["queries"].append("/* %s */ SELECT steep_repl.purge_tombstones(%d)" % (m.node_id, batch))
         after = _counts(mesh)
         result["horizons"] = dict((i, h.isoformat()) for i, h in horizons.items())
-        result.update(changed=any(result["purged"].values()), diff={"before": before, "after": after})
+        result.update(changed=any(result["purged"].values()) or any(unique.values()),
+                      diff={"before": before, "after": after})
         return result

@@ -24,6 +24,9 @@ description:
     meets a settled tombstone descends from it and applies, even from a node that already purged the tombstone and
     so re-inserts the key at epoch 0. Only when every node has them does each node delete its settled tombstones,
     in batches of O(batch_size), in separate transactions (C(steep_repl.purge_tombstones)).
+  - First sends, from every node, the tombstones of rows that lost a unique-key conflict
+    (C(steep_repl.settle_unique_conflicts), what the agent does every cycle), so a node that never held both rows of
+    a C(UNIQUE_VIOLATION) drops the loser. A mesh without agents gets it from this module; run it on a schedule.
   - Only tables whose strategy is an order (C(last_write_wins), C(first_write_wins), C(node_priority)) are purged.
     Under C(keep_local), C(apply_remote) and C(manual), nodes may keep different versions of a key on purpose, so
     their tombstones stay.
@@ -32,8 +35,8 @@ description:
     A node or slot that stops moving for O(stall_timeout) seconds, or a transaction open since before the round,
     fails the run before anything is purged. No horizon is recorded either, unless the failure is in the last
     two steps.
-  - Idempotent. When no tombstone of an ordered table exists, it connects, checks and returns C(changed=false)
-    without any round.
+  - Idempotent. When no tombstone of an ordered table exists and no unique-key tombstone is queued, it connects,
+    checks and returns C(changed=false) without any round.
 version_added: "1.1.0"
 author:
   - steep.repl contributors (@steep-repl)
@@ -56,8 +59,8 @@ options:
     default: 300
 notes:
   - Supports C(check_mode). It checks the mesh as a run does and reports in RV(would_purge) the tombstones of ordered
-    tables written until now (what a run purges unless a round fails) and the SQL in RV(queries). It writes
-    nothing, not even a WAL mark.
+    tables written until now (what a run purges unless a round fails), in RV(would_settle_unique) the queued
+    unique-key tombstones, and the SQL in RV(queries). It writes nothing, not even a WAL mark.
   - Supports C(diff). The per-node counts of tombstones before and after, and how many were settled.
   - Needs C(psycopg2) on the controller.
 seealso:
@@ -86,6 +89,16 @@ horizons:
   returned: success, when a purge ran
   type: dict
   sample: {node_a: "2026-12-05T14:02:11.120931+00:00"}
+unique_settled:
+  description: Tombstones of unique-key conflict losers sent to the other nodes, per node.
+  returned: success, not in check mode
+  type: dict
+  sample: {node_a: 1, node_b: 0}
+would_settle_unique:
+  description: In check mode, per node, the queued tombstones of unique-key conflict losers a run would send.
+  returned: check mode
+  type: dict
+  sample: {node_a: 1, node_b: 0}
 would_purge:
   description: In check mode, per node, the tombstones of ordered tables written until now.
   returned: check mode, when there is something to purge

@@ -237,14 +237,16 @@ def wait_rows(node, query, want, timeout=30):
     cs.wait_for(lambda: node.sql(query) == want, timeout=timeout, what="%s on %s" % (want, node.name))
 
 
-def test_a_node_that_never_saw_both_rows_learns_the_loser_lost(lab_factory):
+@pytest.mark.parametrize("settler", ["agent", "playbook"])
+def test_a_node_that_never_saw_both_rows_learns_the_loser_lost(lab_factory, settler):
     """3 nodes (17/18/17). node1 decides the value for its own row A over node2's B and then deletes A;
     node3 gets node1's stream (A inserted, A deleted) before node2's (B): it never sees A and B together,
-    so nothing there says B lost. steep_repl.settle_unique_conflicts() on node1 (the agent calls it every
-    cycle) sends B's tombstone, the same version every deciding node wrote: node3 drops B, the others
-    take it as a duplicate. Before it, node3 keeps B: the test checks that first."""
+    so nothing there says B lost. steep_repl.settle_unique_conflicts() on node1 sends B's tombstone, the
+    same version every deciding node wrote: node3 drops B, the others take it as a duplicate. Before it,
+    node3 keeps B: the test checks that first. The sender is node1's agent (every cycle) or, for a mesh
+    without agents, playbooks/purge_tombstones.yml (every node, before its rounds)."""
     lab = lab_factory(count=3, majors=(17, 18))
-    mesh.build_mesh(lab, SETUP, {"steep_replicated_tables": TABLES})
+    inv = mesh.build_mesh(lab, SETUP, {"steep_replicated_tables": TABLES})
     n1, n2, n3 = lab.nodes
     q = "SELECT id, email FROM public.acct ORDER BY id"
     cs.pause(lab)
@@ -262,19 +264,36 @@ def test_a_node_that_never_saw_both_rows_learns_the_loser_lost(lab_factory):
     assert n3.sql(q) == [(2, "e@x")] and n1.sql(q) == [] and n2.sql(q) == []     # what settling is for
     assert n1.sql("SELECT count(*) FROM steep_repl.unique_settle") == [(1,)]
     conflicts_before = {n.name: len(cs.conflicts(n)) for n in lab.nodes}
+    queued = "SELECT count(*) FROM steep_repl.unique_settle"
 
-    # node1's agent (a real process) sends it in its next cycle
-    cfg = agent_support.make_configs(lab.root / "agent", lab, names=["node1"])
-    path, port = cfg["node1"]
-    agent = agent_support.AgentProc(path, port, lab.root / "agent" / "node1.log").start()
-    try:
+    if settler == "agent":
+        # node1's agent (a real process) sends it in its next cycle
+        cfg = agent_support.make_configs(lab.root / "agent", lab, names=["node1"])
+        path, port = cfg["node1"]
+        agent = agent_support.AgentProc(path, port, lab.root / "agent" / "node1.log").start()
+        try:
+            wait_rows(n3, q, [])
+            assert agent_support.wait_for(lambda: any("unique-conflict tombstone" in str(line.get("events", line))
+                                                      for line in agent.lines()), 15), agent.lines()[-3:]
+        finally:
+            assert agent.stop() == 0
+        assert n1.sql(queued) == [(0,)]
+        assert n2.sql("SELECT steep_repl.settle_unique_conflicts()") == [(1,)]      # node2 decided too: same version
+    else:
+        task = "Purge settled tombstones on every node"
+        res = run_playbook("purge_tombstones.yml", inv, check=True)
+        [(_h, r)] = res.task_results(task)
+        assert res.rc == 0 and r["changed"] and r["would_settle_unique"] == {"node1": 1, "node2": 1, "node3": 0}, r
+        assert any("settle_unique_conflicts" in x for x in r["queries"]), r["queries"]
+        # check mode sent nothing (second queries): node3 still holds the loser, both queues are full
+        assert n3.sql(q) == [(2, "e@x")] and [n.sql(queued)[0][0] for n in lab.nodes] == [1, 1, 0]
+        res = run_playbook("purge_tombstones.yml", inv)
+        [(_h, r)] = res.task_results(task)
+        assert res.rc == 0 and r["changed"] and r["unique_settled"] == {"node1": 1, "node2": 1, "node3": 0}, r
         wait_rows(n3, q, [])
-        assert agent_support.wait_for(lambda: any("unique-conflict tombstone" in str(line.get("events", line))
-                                                  for line in agent.lines()), 15), agent.lines()[-3:]
-    finally:
-        assert agent.stop() == 0
-    assert n1.sql("SELECT count(*) FROM steep_repl.unique_settle") == [(0,)]
-    assert n2.sql("SELECT steep_repl.settle_unique_conflicts()") == [(1,)]      # node2 decided too: same version
+        assert [n.sql(queued)[0][0] for n in lab.nodes] == [0, 0, 0]
+        res = run_playbook("purge_tombstones.yml", inv)
+        assert res.rc == 0 and res.changed() == 0, res.task_results(task)     # idempotent
     cs.sync(lab)
     assert mesh.wait_converged(lab, q) == []
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, gen FROM steep_repl.row_version "
