@@ -48,7 +48,8 @@ import mesh  # noqa: E402
 
 STEEP_SUB, STEEP_SLOT = "steep_from_node1", "steep_to_node2"
 NAT_SUB = NAT_SLOT = "bench_nat"
-FINGERPRINT = "SELECT count(*), coalesce(sum(v), 0), coalesce(sum(id::bigint), 0) FROM public.%s"
+FINGERPRINT = ("SELECT count(*), coalesce(sum(v), 0), coalesce(sum(id::bigint), 0), "
+               "pg_catalog.md5(coalesce(string_agg(t::text, ',' ORDER BY id), '')) FROM public.%s t")
 
 
 class Conn:
@@ -203,35 +204,47 @@ TABLE_HEAD = ("| workload | rows changed | transactions | native rows/s | steep 
               "| walsender CPU µs/row native / steep |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def measure(n1, p1, p2, name, workload, changes, results):
-    """Time one workload on three sides, each written by node1 while node2's subscriptions are off:
-    native (public.nat), steep (public.st) and the pair (public.np and public.np2, native: every change
-    twice -- the cheapest carrier of a second row next to each change). Autovacuum is off for the bench
-    tables; both nodes are vacuumed before each workload instead."""
+def time_sides(n1, p1, p2, workload, sides, vacuum):
+    """Time one workload on each side (label, table, subscription, slot to skip), each written by node1 while
+    node2's subscriptions are off; side "pair" writes every change to public.np and public.np2. Autovacuum is
+    off for the bench tables: both nodes vacuum ``vacuum`` before the workload instead. Returns
+    ({label: (apply seconds, apply-worker CPU, walsender CPU, node1 write seconds)}, transactions)."""
     for p in (p1, p2):
-        p.q("VACUUM ANALYZE public.st, public.nat, public.np, public.np2, steep_repl.row_version")
+        p.q("VACUUM ANALYZE " + vacuum)
     out = {}
-    for side, table, sub, skip in (("native", "nat", NAT_SUB, STEEP_SLOT), ("steep", "st", STEEP_SUB, NAT_SLOT),
-                                   ("pair", "np2", NAT_SUB, STEEP_SLOT)):
+    for side, table, sub, skip in sides:
         settle(p1, (STEEP_SLOT, NAT_SLOT))
         if side == "pair":      # every change twice, to two native tables: the cheapest possible carrier
             txs = [a + b for a, b in zip(workload("np"), workload("np2"))]
         else:
             txs = workload(table)
+        t0 = time.monotonic()
         lsn = run_sql(n1, txs)
+        wrote = time.monotonic() - t0
         settle(p1, (skip,))
-        out[side] = timed_apply(p1, p2, sub, caught_up(p2, sub, lsn), table)
+        out[side] = timed_apply(p1, p2, sub, caught_up(p2, sub, lsn), table) + (wrote,)
         same_rows(p1, p2, table)
+    return out, len(txs)
+
+
+SIDES = (("native", "nat", NAT_SUB, STEEP_SLOT), ("steep", "st", STEEP_SUB, NAT_SLOT), ("pair", "np2", NAT_SUB, STEEP_SLOT))
+
+
+def measure(n1, p1, p2, name, workload, changes, results):
+    """Time one workload on three sides: native (public.nat), steep (public.st) and the pair (public.np and
+    public.np2, native: every change twice -- the cheapest carrier of a second row next to each change)."""
+    out, ntx = time_sides(n1, p1, p2, workload, SIDES,
+                          "public.st, public.nat, public.np, public.np2, steep_repl.row_version")
 
     def per(cpu):
         return "-" if cpu is None else "%.0f" % (cpu * 1e6 / changes)
-    (t_nat, c_nat, w_nat), (t_st, c_st, w_st) = out["native"], out["steep"]
+    (t_nat, c_nat, w_nat), (t_st, c_st, w_st) = out["native"][:3], out["steep"][:3]
     t_pr, c_pr = out["pair"][:2]
-    results.append((name, changes, len(txs), changes / t_nat, changes / t_st, changes / t_pr,
+    results.append((name, changes, ntx, changes / t_nat, changes / t_st, changes / t_pr,
                     per(c_nat), per(c_st), per(c_pr), per(w_nat), per(w_st)))
     print("%-14s %7d rows %5d txs: native %8.0f rows/s, steep %8.0f (%.2fx), pair %8.0f (%.2fx); "
           "apply CPU us/row %s / %s / %s; walsender CPU us/row %s / %s"
-          % (name, changes, len(txs), changes / t_nat, changes / t_st, t_nat / t_st,
+          % (name, changes, ntx, changes / t_nat, changes / t_st, t_nat / t_st,
              changes / t_pr, t_nat / t_pr, per(c_nat), per(c_st), per(c_pr), per(w_nat), per(w_st)), flush=True)
 
 

@@ -1330,7 +1330,7 @@ DECLARE
     v_pk TEXT[]; v_cols TEXT[];
     v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
     v_setx TEXT; v_pklist TEXT; v_newmatch TEXT; v_oldmatch TEXT;
-    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := ''; v_plain TEXT := '';
+    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := ''; v_plain TEXT := ''; v_uchg TEXT;
     v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
 BEGIN
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
@@ -1373,6 +1373,15 @@ BEGIN
                ' OR ' ORDER BY u.index_oid)
       INTO v_uniq
       FROM steep_repl._unique_keys(p_table) u;
+    -- an UPDATE that keeps every unique value of its row takes no value another row can hold (the index
+    -- says so): it is not checked
+    SELECT 'ROW(' || pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+           || ') IS DISTINCT FROM ROW(' || pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+           || ')'
+      INTO v_uchg
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = p_table AND a.attnum IN (SELECT k.attnum FROM steep_repl._unique_keys(p_table) u,
+                                                        pg_catalog.unnest(u.cols) AS k(attnum));
 
     v_pk_new := steep_repl._key_expr(p_table, 'NEW');
     v_pk_old := steep_repl._key_expr(p_table, 'OLD');
@@ -1481,10 +1490,10 @@ END $body$ $f$, v_uniqfn, v_q, v_tbl, steep_repl._key_expr(p_table, 'steep_n_'),
                v_uniq, v_nmatch, steep_repl._unique_lock_sql(p_table, 'steep_n_'));
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(anyelement) FROM PUBLIC', v_uniqfn);
         -- the incoming row lost: an UPDATE's old row goes too (the key's version is a tombstone now)
-        v_chk := pg_catalog.format(E'\n    IF NOT %s(NEW) THEN\n        IF TG_OP = ''UPDATE'' THEN DELETE FROM ONLY %s AS steep_t_ WHERE %s; END IF;\n        RETURN NULL;\n    END IF;',
-                                   v_uniqfn, v_q, v_oldmatch);
+        v_chk := pg_catalog.format(E'\n    IF (TG_OP <> ''UPDATE'' OR %s) AND NOT %s(NEW) THEN\n        IF TG_OP = ''UPDATE'' THEN DELETE FROM ONLY %s AS steep_t_ WHERE %s; END IF;\n        RETURN NULL;\n    END IF;',
+                                   v_uchg, v_uniqfn, v_q, v_oldmatch);
         v_chkm := E'\n    IF pg_catalog.pg_replication_origin_session_is_setup() AND TG_OP <> ''DELETE'' THEN' || v_chk || E'\n    END IF;';
-        -- no WHEN clause: with nothing pending in the context the change applies as it is, checked
+        -- fired by steep_repl_a_unique_*: with nothing pending in the context the change applies as it is, checked
         v_plain := E'\n    IF steep_c_ = '''' THEN\n        IF TG_OP = ''DELETE'' THEN RETURN OLD; END IF;' || v_chk
                    || E'\n        RETURN NEW;\n    END IF;';
     ELSE
@@ -1579,12 +1588,27 @@ END $body$ $f$, v_apply, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, v_oldmatch,
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s(TEXT, TEXT, JSONB) FROM PUBLIC', v_rowop);
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_capture BEFORE INSERT OR UPDATE OR DELETE ON %s '
                               'FOR EACH ROW EXECUTE FUNCTION %s()', v_q, v_capture);
-    -- (with other unique keys, every applied row is checked: no WHEN clause)
     EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_apply BEFORE INSERT OR UPDATE OR DELETE ON %s '
-                              'FOR EACH ROW %s EXECUTE FUNCTION %s()', v_q,
-                              CASE WHEN v_uniq IS NULL THEN 'WHEN (pg_catalog.current_setting(''steep_repl.apply_ctx'', true) <> '''')' ELSE '' END,
-                              v_apply);
+                              'FOR EACH ROW WHEN (pg_catalog.current_setting(''steep_repl.apply_ctx'', true) <> '''') '
+                              'EXECUTE FUNCTION %s()', v_q, v_apply);
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_apply', v_q);
+    -- with other unique keys, the changes that come with no context are checked too: every INSERT, and an
+    -- UPDATE that changes a unique value (an UPDATE that keeps them, and a DELETE, fire nothing). Same
+    -- function. These fire before steep_repl_apply (BEFORE triggers fire in name order) and never set the
+    -- context, so at most one of the three fires for a change.
+    IF v_uniq IS NOT NULL THEN
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_a_unique_ins BEFORE INSERT ON %s FOR EACH ROW '
+                                  'WHEN (coalesce(pg_catalog.current_setting(''steep_repl.apply_ctx'', true), '''') = '''') '
+                                  'EXECUTE FUNCTION %s()', v_q, v_apply);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER steep_repl_a_unique_upd BEFORE UPDATE ON %s FOR EACH ROW '
+                                  'WHEN (coalesce(pg_catalog.current_setting(''steep_repl.apply_ctx'', true), '''') = '''' AND %s) '
+                                  'EXECUTE FUNCTION %s()', v_q, v_uchg, v_apply);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_a_unique_ins', v_q);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE REPLICA TRIGGER steep_repl_a_unique_upd', v_q);
+    ELSE
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_a_unique_ins ON %s', v_q);
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_a_unique_upd ON %s', v_q);
+    END IF;
     -- TRUNCATE (local or applied from a peer) forgets the table's versions on that node, so the rows
     -- inserted afterwards get first versions again (never an unversioned change that could stop a
     -- subscription on insert_exists)
@@ -1614,6 +1638,8 @@ BEGIN
     v_q := pg_catalog.quote_ident(v_schema) || '.' || pg_catalog.quote_ident(v_name);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_capture ON %s', v_q);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_apply ON %s', v_q);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_a_unique_ins ON %s', v_q);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_a_unique_upd ON %s', v_q);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS steep_repl_truncate ON %s', v_q);
     PERFORM steep_repl._forget_table(v_schema, v_name);
 END $$;

@@ -198,9 +198,15 @@ def test_a_unique_index_created_or_dropped_later_is_followed(lab_factory):
                                 "CREATE TABLE public.marker (id int PRIMARY KEY, v int)"],
                           {"steep_replicated_tables": ["public.tag", "public.marker"]})
     n1, n2 = lab.nodes
+    triggers = ("SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.tag'::regclass "
+                "AND tgname LIKE 'steep_repl_a%' ORDER BY tgname")
+    assert n1.sql(triggers) == [("steep_repl_apply", "R")]
     for n in lab.nodes:
         n.sql("CREATE UNIQUE INDEX tag_name ON public.tag (name)")
     assert run_playbook("site.yml", inv).changed() == 0
+    # the changes without a context are checked by two more triggers of the apply function (name order:
+    # before steep_repl_apply)
+    assert n1.sql(triggers) == [("steep_repl_a_unique_ins", "R"), ("steep_repl_a_unique_upd", "R"), ("steep_repl_apply", "R")]
     cs.pause(lab)
     n1.sql("INSERT INTO public.tag VALUES (1, 'red', 'node1')")
     time.sleep(0.01)
@@ -218,6 +224,7 @@ def test_a_unique_index_created_or_dropped_later_is_followed(lab_factory):
     cs.sync(lab)
     assert mesh.wait_converged(lab, "SELECT id, name FROM public.tag ORDER BY id") == [(2, "red"), (3, "blue"), (4, "blue")]
     assert len(cs.conflicts(n1, "public.tag")) == 1
+    assert n1.sql(triggers) == [("steep_repl_apply", "R")]
     consistent(lab, tables=("public.tag",))
     assert run_playbook("site.yml", inv).changed() == 0
     # a unique index on an expression is not decided: the play says so, naming the index and the fix
