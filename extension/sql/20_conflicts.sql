@@ -1082,7 +1082,7 @@ DECLARE
     v_pk TEXT[]; v_cols TEXT[];
     v_pk_new TEXT; v_pk_old TEXT; v_match TEXT; v_keyobj TEXT; v_set TEXT; v_collist TEXT; v_sel TEXT;
     v_setx TEXT; v_pklist TEXT; v_newmatch TEXT; v_oldmatch TEXT;
-    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := ''; v_plain TEXT := ''; v_uchg TEXT;
+    v_rowop TEXT; v_capture TEXT; v_apply TEXT; v_uniq TEXT; v_uniqfn TEXT; v_nmatch TEXT; v_chk TEXT := ''; v_chkm TEXT := ''; v_plain TEXT := ''; v_uchg TEXT; v_ulock TEXT;
     v_guard TEXT := pg_catalog.current_setting('steep_repl.in_conflict_ddl', true);
 BEGIN
     PERFORM pg_catalog.set_config('steep_repl.in_conflict_ddl', 'on', true);
@@ -1134,6 +1134,7 @@ BEGIN
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = p_table AND a.attnum IN (SELECT k.attnum FROM steep_repl._unique_keys(p_table) u,
                                                         pg_catalog.unnest(u.cols) AS k(attnum));
+    v_ulock := steep_repl._unique_lock_sql(p_table, 'NEW');
 
     v_pk_new := steep_repl._key_expr(p_table, 'NEW');
     v_pk_old := steep_repl._key_expr(p_table, 'OLD');
@@ -1218,9 +1219,12 @@ BEGIN
     IF steep_ok_ <> steep_k_ THEN
         PERFORM steep_repl._capture(%2$L, steep_ok_, true, NULL);
     END IF;
-    PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW));%7$s
+    PERFORM steep_repl._capture(%2$L, steep_k_, false, pg_catalog.to_jsonb(NEW));%8$s
     RETURN NEW;
-END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, coalesce(steep_repl._unique_lock_sql(p_table, 'NEW'), ''));
+END $body$ $f$, v_capture, v_tbl, v_pk_new, v_pk_old, v_q, v_newmatch, coalesce(v_ulock, ''),
+               -- an UPDATE that keeps its key and its unique values holds them already: no lock
+               coalesce(E'\n    IF steep_ok_ <> steep_k_ OR ' || v_uchg || ' THEN' || pg_catalog.replace(v_ulock, E'\n', E'\n    ')
+                        || E'\n    END IF;', ''));
 
     -- uniq: other unique keys (anyelement: a parameter of the table's row type would make DROP TABLE
     -- depend on this function). Before an apply worker writes a row, each local row of another key that
