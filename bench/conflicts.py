@@ -258,6 +258,21 @@ def workload_arguments():
     return ap
 
 
+def prepare(n1, p1, p2, steep_tables, native_tables):
+    """Autovacuum off for the bench tables (each workload vacuums first); the native one-way pair for the
+    baseline (publication, slot and disabled subscription ``bench_nat`` of native_tables); both steep
+    subscriptions disabled (node2 writes nothing until it is timed: its walsender stays idle)."""
+    for p in (p1, p2):
+        for t in steep_tables + native_tables + ("steep_repl.row_version",):
+            p.q("ALTER TABLE %s SET (autovacuum_enabled = off)" % t)
+    p1.q("CREATE PUBLICATION bench_nat FOR TABLE %s" % ", ".join(native_tables))
+    p1.q("SELECT pg_catalog.pg_create_logical_replication_slot('bench_nat', 'pgoutput')")
+    p2.q("CREATE SUBSCRIPTION bench_nat CONNECTION %s PUBLICATION bench_nat WITH (create_slot = false, "
+         "slot_name = 'bench_nat', copy_data = false, enabled = false)", (n1.dsn(),))
+    set_enabled(p1, "steep_from_node2", False)
+    set_enabled(p2, STEEP_SUB, False)
+
+
 def lab_dir(prefix):
     """A new directory for a benchmark's lab (under $STEEP_TEST_LAB_ROOT, default /tmp/steep-tests)."""
     return Path(os.environ.get("STEEP_TEST_LAB_ROOT", "/tmp/steep-tests")) / (prefix + uuid.uuid4().hex[:6])
@@ -277,17 +292,7 @@ def main():
         mesh.build_mesh(lab, setup, {"steep_replicated_tables": ["public.st", "public.cf"]})
         n1, n2 = lab.nodes
         p1, p2 = Conn(n1), Conn(n2)
-        for p in (p1, p2):
-            for t in ("public.st", "public.nat", "public.np", "public.np2", "steep_repl.row_version"):
-                p.q("ALTER TABLE %s SET (autovacuum_enabled = off)" % t)
-        # native one-way pair for the baseline
-        p1.q("CREATE PUBLICATION bench_nat FOR TABLE public.nat, public.np, public.np2")
-        p1.q("SELECT pg_catalog.pg_create_logical_replication_slot('bench_nat', 'pgoutput')")
-        p2.q("CREATE SUBSCRIPTION bench_nat CONNECTION %s PUBLICATION bench_nat WITH (create_slot = false, "
-             "slot_name = 'bench_nat', copy_data = false, enabled = false)", (n1.dsn(),))
-        # node2 writes nothing until the conflict case: its walsender stays idle while node2 is timed
-        set_enabled(p1, "steep_from_node2", False)
-        set_enabled(p2, STEEP_SUB, False)
+        prepare(n1, p1, p2, ("public.st",), ("public.nat", "public.np", "public.np2"))
         results = []
         r, b = args.rows, args.batches
         # warm-up (caches, first apply-worker starts): the same path as a measurement, results dropped;

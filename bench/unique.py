@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conflicts import (  # noqa: E402
-    NAT_SLOT, NAT_SUB, STEEP_SLOT, STEEP_SUB, Conn, bulk, lab_dir, pgbench_style, set_enabled, time_sides,
+    NAT_SLOT, NAT_SUB, STEEP_SLOT, STEEP_SUB, Conn, bulk, lab_dir, pgbench_style, prepare, time_sides,
     workload_arguments)
 from steeplab import make_lab  # noqa: E402
 from _report import publish  # noqa: E402
@@ -60,15 +60,7 @@ def main():
         mesh.build_mesh(lab, setup, {"steep_replicated_tables": ["public.st", "public.su"]})
         n1, n2 = lab.nodes
         p1, p2 = Conn(n1), Conn(n2)
-        for p in (p1, p2):
-            for t in ("public.nu", "public.st", "public.su", "steep_repl.row_version"):
-                p.q("ALTER TABLE %s SET (autovacuum_enabled = off)" % t)
-        p1.q("CREATE PUBLICATION bench_nat FOR TABLE public.nu")
-        p1.q("SELECT pg_catalog.pg_create_logical_replication_slot('bench_nat', 'pgoutput')")
-        p2.q("CREATE SUBSCRIPTION bench_nat CONNECTION %s PUBLICATION bench_nat WITH (create_slot = false, "
-             "slot_name = 'bench_nat', copy_data = false, enabled = false)", (n1.dsn(),))
-        set_enabled(p1, "steep_from_node2", False)
-        set_enabled(p2, STEEP_SUB, False)
+        prepare(n1, p1, p2, ("public.st", "public.su"), ("public.nu",))
         r, b = args.rows, args.batches
         rows = []
 
