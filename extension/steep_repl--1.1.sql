@@ -2101,6 +2101,43 @@ BEGIN
     RETURN v_new;
 END $$;
 
+-- Retention of this node's conflict log: deletes at most p_limit decided entries detected more than
+-- p_older_than ago (oldest first). PENDING entries stay, and so does an entry whose revert partner
+-- (reverts / reverted_by) is PENDING or not old enough to go with it: a revert chain goes whole. One
+-- audit_log row when something went. Returns how many went. conflict_log is local to each node.
+CREATE OR REPLACE FUNCTION steep_repl.purge_conflict_log(p_older_than INTERVAL, p_limit INTEGER DEFAULT 10000)
+RETURNS BIGINT LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_cut TIMESTAMPTZ;
+    v_n BIGINT;
+BEGIN
+    IF p_older_than IS NULL OR p_older_than < INTERVAL '0' THEN
+        RAISE EXCEPTION 'purge_conflict_log: the age must be an interval of 0 or more, got %', coalesce(p_older_than::TEXT, 'NULL')
+            USING HINT = 'Fix: pass how long a decided conflict is kept, e.g. ''90 days''; nothing was deleted.', ERRCODE = '22023';
+    END IF;
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'purge_conflict_log: the batch size must be a positive number, got %', coalesce(p_limit::TEXT, 'NULL')
+            USING HINT = 'Fix: pass a batch size of 1 or more (the default is 10000); nothing was deleted.', ERRCODE = '22023';
+    END IF;
+    v_cut := pg_catalog.now() - p_older_than;
+    WITH victims AS (
+        SELECT c.id FROM steep_repl.conflict_log c
+         WHERE c.detected_at < v_cut AND c.resolution <> 'PENDING'
+           AND NOT EXISTS (SELECT 1 FROM steep_repl.conflict_log o
+                            WHERE o.id IN (c.reverts, c.reverted_by)
+                              AND (o.detected_at >= v_cut OR o.resolution IS NOT DISTINCT FROM 'PENDING'))
+         ORDER BY c.id LIMIT p_limit FOR UPDATE SKIP LOCKED),
+    gone AS (
+        DELETE FROM steep_repl.conflict_log c USING victims x WHERE c.id = x.id RETURNING 1)
+    SELECT count(*) INTO v_n FROM gone;
+    IF v_n > 0 THEN
+        PERFORM steep_repl.audit('conflict_log.purge', 'conflict_log', steep_repl.local_node_id(), NULL,
+            pg_catalog.jsonb_build_object('older_than', p_older_than::TEXT, 'detected_before', v_cut, 'deleted', v_n));
+    END IF;
+    RETURN v_n;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl.purge_conflict_log(INTERVAL, INTEGER) FROM PUBLIC;
+
 -- SECURITY DEFINER helpers are for the generated triggers only.
 REVOKE ALL ON FUNCTION steep_repl._capture(TEXT, TEXT, BOOLEAN, JSONB, BOOLEAN) FROM PUBLIC;
 REVOKE ALL ON FUNCTION steep_repl._version_wait(TEXT, TEXT, TEXT) FROM PUBLIC;

@@ -16,7 +16,7 @@ import json
 import re
 
 from ansible_collections.steep.repl.plugins.module_utils.db import (
-    SteepError, fetch_all, fetch_one, fetch_value, split_qualified)
+    SteepError, fetch_all, fetch_one, fetch_value, psycopg2, split_qualified)
 
 STRATEGIES = ("last_write_wins", "first_write_wins", "node_priority", "keep_local", "apply_remote", "manual")
 DEFAULT_STRATEGY = "last_write_wins"
@@ -303,6 +303,37 @@ def revert(sql, conn, conflict_id, reason="Manual revert"):
     new_id = rows[0]["id"] if rows else None
     after = before if sql.check_mode else get_conflict(conn, conflict_id)
     return {"changed": True, "conflict": after, "before": before, "new_conflict_id": new_id, "queries": sql.queries}
+
+
+def purge_log(conn, older_than, batch=10000):
+    """Retention: delete this node's decided conflict_log entries detected more than ``older_than`` (a
+    PostgreSQL interval) ago, in batches (``steep_repl.purge_conflict_log``: PENDING entries and unfinished
+    revert chains stay). Runs in the module's transaction: in check mode it is rolled back, so the count is
+    exact and nothing stays. Returns a result dict."""
+    require_engine(conn)
+    if not fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.purge_conflict_log(interval,integer)') IS NOT NULL"):
+        raise SteepError("this node's steep_repl extension has no conflict-log retention. Fix: run the foundation "
+                         "play (playbooks/steep_foundation.yml) to update it, then re-run.")
+    if batch < 1:
+        raise SteepError("batch_size must be 1 or more, got %s. Fix: pass a positive batch size (default 10000); "
+                         "nothing was deleted." % batch)
+    try:
+        fetch_value(conn, "SELECT %s::interval", (older_than,))
+    except psycopg2.DataError:
+        raise SteepError("older_than %r is not a PostgreSQL interval. Fix: give one such as '90 days' or "
+                         "'12 hours'; nothing was deleted." % (older_than,))
+    before = fetch_value(conn, "SELECT count(*) FROM steep_repl.conflict_log")
+    query = "SELECT steep_repl.purge_conflict_log(%s::interval, %s)"
+    purged = 0
+    while True:
+        n = fetch_value(conn, query, (older_than, batch))
+        purged += n
+        if n < batch:
+            break
+    with conn.cursor() as cur:
+        text = cur.mogrify(query, (older_than, batch)).decode()
+    return {"changed": purged > 0, "purged": purged, "before": {"entries": before},
+            "after": {"entries": before - purged}, "queries": [text] if purged else []}
 
 
 # Errors a write of the resolution API can meet next to apply workers and other sessions: rolled back, a re-run works.

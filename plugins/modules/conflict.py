@@ -9,7 +9,7 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: conflict
-short_description: Configure conflict strategies, resolve and revert conflicts of steep.repl
+short_description: Configure conflict strategies, resolve, revert and purge conflicts of steep.repl
 description:
   - Conflicts are detected and decided inside PostgreSQL while changes are applied (docs/conflicts.md); this module
     configures the rules on one node and resolves what the rules left PENDING.
@@ -23,6 +23,10 @@ description:
     hold the same row and mark their own PENDING conflicts of that key resolved.
   - O(state=reverted) undoes the resolution of O(conflict_id) (the other side's row is written back, forced); the
     original entry becomes C(REVERTED) and a new entry records the revert.
+  - O(state=purged) is the retention of the node's C(steep_repl.conflict_log) (each node keeps its own); it deletes the
+    decided entries detected more than O(older_than) ago, in batches of O(batch_size). C(PENDING) entries stay, and
+    so does an entry whose revert partner (C(reverts), C(reverted_by)) is C(PENDING) or younger. Run it on every node,
+    on a schedule. Idempotent (C(changed=false) when nothing is old enough); in check mode RV(purged) is exact.
   - Every change is written to C(steep_repl.audit_log) by the database functions. Check mode changes nothing.
 version_added: "1.1.0"
 author:
@@ -34,7 +38,7 @@ options:
     description: What to do (see the description).
     type: str
     default: configured
-    choices: [configured, resolved, reverted]
+    choices: [configured, resolved, reverted, purged]
   default_strategy:
     description:
       - Default strategy of the node (C(steep_conflict_default_strategy)). Omit to leave it unchanged.
@@ -76,6 +80,14 @@ options:
     description: Why a resolution is reverted (recorded in the conflict log and the audit log).
     type: str
     default: Manual revert
+  older_than:
+    description:
+      - With O(state=purged), how long a decided conflict is kept, as a PostgreSQL interval (C(90 days), C(12 hours)).
+    type: str
+  batch_size:
+    description: With O(state=purged), entries deleted per statement.
+    type: int
+    default: 10000
 """
 
 EXAMPLES = r"""
@@ -113,6 +125,12 @@ EXAMPLES = r"""
     xid: 1234567
     resolution: local
 
+- name: Keep 90 days of decided conflicts (run on every node, e.g. weekly)
+  steep.repl.conflict:
+    login_db: app
+    state: purged
+    older_than: 90 days
+
 - name: That was wrong - undo it
   steep.repl.conflict:
     login_db: app
@@ -123,12 +141,12 @@ EXAMPLES = r"""
 
 RETURN = r"""
 before:
-  description: The strategies (O(state=configured)) or the conflict entry before the task.
+  description: The strategies (O(state=configured)), the conflict entry, or the number of log entries (O(state=purged)) before the task.
   returned: always
   type: dict
 after:
-  description: The strategies after the task (what they would be in check mode).
-  returned: when state=configured
+  description: The strategies, or the number of log entries (O(state=purged)), after the task (what they would be in check mode).
+  returned: when state=configured or state=purged
   type: dict
   sample: {default_strategy: last_write_wins, tables: {public.orders: {strategy: manual, priority: null}}}
 conflict:
@@ -138,6 +156,10 @@ conflict:
 resolved:
   description: Number of conflicts resolved (or that would be).
   returned: when state=resolved
+  type: int
+purged:
+  description: Conflict log entries deleted (in check mode, that would be).
+  returned: when state=purged
   type: int
 new_conflict_id:
   description: Id of the entry that records the revert.
@@ -169,7 +191,7 @@ from ansible_collections.steep.repl.plugins.module_utils.runner import run_on_no
 def argument_spec():
     spec = db.connection_argument_spec()
     spec.update(
-        state=dict(type="str", default="configured", choices=["configured", "resolved", "reverted"]),
+        state=dict(type="str", default="configured", choices=["configured", "resolved", "reverted", "purged"]),
         default_strategy=dict(type="str", choices=list(conflicts.STRATEGIES)),
         strategies=dict(type="dict"),
         purge=dict(type="bool", default=True),
@@ -181,6 +203,8 @@ def argument_spec():
         time_start=dict(type="str"),
         time_end=dict(type="str"),
         reason=dict(type="str", default="Manual revert"),
+        older_than=dict(type="str"),
+        batch_size=dict(type="int", default=10000),
     )
     return spec
 
@@ -207,6 +231,10 @@ def run(module, conn):
             res["before"] = {}
             res["diff"] = {"before": {}, "after": {"resolved": res["resolved"]}}
         return res
+    if p["state"] == "purged":
+        res = conflicts.purge_log(conn, p["older_than"], p["batch_size"])
+        res["diff"] = {"before": res["before"], "after": res["after"]}
+        return res
     res = conflicts.revert(sql, conn, p["conflict_id"], p["reason"])
     res["diff"] = {"before": res["before"], "after": res["conflict"]}
     return res
@@ -215,7 +243,8 @@ def run(module, conn):
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True,
                            required_if=[("state", "resolved", ["resolution"]),
-                                        ("state", "reverted", ["conflict_id"])])
+                                        ("state", "reverted", ["conflict_id"]),
+                                        ("state", "purged", ["older_than"])])
     run_on_node(module, run, "steep.repl.conflict (%s)" % module.params["state"], transactional=True,
                 explain=conflicts.explain_db_error)
 

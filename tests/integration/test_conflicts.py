@@ -576,3 +576,58 @@ def test_module_in_process(lab):
             "strategy": "node_priority", "priority": ["node2", "node1"]}
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------- conflict log retention
+def test_conflict_log_retention(lab):
+    """state=purged deletes a node's decided conflict_log entries older than older_than: PENDING entries stay,
+    and so does a revert chain with a young member. Check mode counts exactly and deletes nothing; a re-run
+    is changed=0; bad input is refused with nothing deleted (second queries). Runs last in this file: it
+    deletes conflict history of node1."""
+    n1, n2 = lab.nodes
+    conflicting(lab, {0: ["UPDATE public.lww SET v = 'r1' WHERE id IN (2, 3)", "UPDATE public.man SET v = 'r1' WHERE id = 2"],
+                      1: ["UPDATE public.lww SET v = 'r2' WHERE id IN (2, 3)", "UPDATE public.man SET v = 'r2' WHERE id = 2"]})
+    decided = [c for c in cs.conflicts(n1, "public.lww") if c["resolution"] in ("KEPT_LOCAL", "APPLIED_REMOTE")]
+    pending = [c for c in cs.conflicts(n1, "public.man") if c["resolution"] == "PENDING"]
+    assert decided and pending
+    old_chain = decided[-1]["id"]
+    new_id = n1.sql("SELECT steep_repl.revert_resolution(%s, 'retention test')", (old_chain,))[0][0]
+    # everything is old except the revert: the reverted entry keeps its young partner company
+    n1.sql("UPDATE steep_repl.conflict_log SET detected_at = detected_at - interval '400 days' WHERE id <> %s", (new_id,))
+    rows = "SELECT id, resolution FROM steep_repl.conflict_log ORDER BY id"
+    all_rows = n1.sql(rows)
+    keep = sorted(set(i for i, r in all_rows if r == "PENDING") | {old_chain, new_id})
+    audits = n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'conflict_log.purge'")[0][0]
+    n2_rows = n2.sql(rows)
+
+    # bad input: refused, nothing deleted
+    for args, expected in (({"older_than": "soon"}, "is not a PostgreSQL interval"),
+                           ({"older_than": "-1 day"}, "interval of 0 or more"),
+                           ({"older_than": "1 day", "batch_size": 0}, "batch_size must be 1 or more")):
+        res = resolve_task(lab, "node1", dict(args, state="purged"))
+        msgs = " ".join(res.failure_messages())
+        assert res.rc != 0 and expected in msgs and "Fix:" in msgs, (args, msgs)
+    res = resolve_task(lab, "node1", {"state": "purged"})
+    assert res.rc != 0 and "older_than" in " ".join(res.failure_messages())
+    e = sql_error(n1, "SELECT steep_repl.purge_conflict_log(NULL)")
+    assert "interval of 0 or more" in e.diag.message_primary and "Fix:" in e.diag.message_hint
+    e = sql_error(n1, "SELECT steep_repl.purge_conflict_log('1 day', 0)")
+    assert "batch size" in e.diag.message_primary
+    assert n1.sql(rows) == all_rows
+
+    # check mode: the exact count, nothing deleted
+    res = resolve_task(lab, "node1", {"state": "purged", "older_than": "90 days", "batch_size": 2}, check=True)
+    [(_h, r)] = res.task_results("conflict task")
+    assert res.rc == 0 and r["changed"] and r["purged"] == len(all_rows) - len(keep), (r, all_rows, keep)
+    assert "purge_conflict_log" in r["queries"][0]
+    assert n1.sql(rows) == all_rows
+
+    res = resolve_task(lab, "node1", {"state": "purged", "older_than": "90 days", "batch_size": 2})
+    [(_h, r)] = res.task_results("conflict task")
+    assert res.rc == 0 and r["changed"] and r["purged"] == len(all_rows) - len(keep)
+    assert [i for i, _r in n1.sql(rows)] == keep
+    assert n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'conflict_log.purge'")[0][0] > audits
+    assert n2.sql(rows) == n2_rows          # each node keeps its own log
+    res = resolve_task(lab, "node1", {"state": "purged", "older_than": "90 days"})
+    assert res.rc == 0 and res.changed() == 0                                # idempotent
+    healthy(lab)
