@@ -2001,9 +2001,9 @@ BEGIN
     WITH victims AS (
         SELECT c.id FROM steep_repl.conflict_log c
          WHERE c.detected_at < v_cut AND c.resolution <> 'PENDING'
-           AND NOT EXISTS (SELECT 1 FROM steep_repl.conflict_log o
+           AND NOT EXISTS (SELECT 1 FROM steep_repl.conflict_log o          -- a partner that does not go too
                             WHERE o.id IN (c.reverts, c.reverted_by)
-                              AND (o.detected_at >= v_cut OR o.resolution IS NOT DISTINCT FROM 'PENDING'))
+                              AND (o.detected_at < v_cut AND o.resolution <> 'PENDING') IS NOT TRUE)
          ORDER BY c.id LIMIT p_limit FOR UPDATE SKIP LOCKED),
     gone AS (
         DELETE FROM steep_repl.conflict_log c USING victims x WHERE c.id = x.id RETURNING 1)
