@@ -18,6 +18,7 @@ from ansible_collections.steep.repl.plugins.module_utils import db
 
 from . import __version__, alerts, collect, election
 from .config import all_nodes, conn_kwargs
+from .maintenance import Maintenance
 
 LEVEL_ORDER = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 STATUS_OF = {"ok": "healthy", "warning": "degraded", "critical": "unhealthy"}
@@ -131,6 +132,7 @@ class Agent:
         self.health = dict(status="unhealthy", node=self.me["name"], checks={"agent": "starting"})
         self.servers = []
         self.readonly = False  # the CLI's one-shot fallback never writes
+        self.maintenance = Maintenance(cfg)
 
     # ----------------------------------------------------------------- local node
     def _local(self):
@@ -310,6 +312,13 @@ class Agent:
             except Exception as exc:
                 events.append("sending unique-conflict tombstones failed: %s" % short_error(exc))
 
+        # Conflict-log retention and tombstone purging, when configured (maintenance.py).
+        if ok and data.get("extension") and not self.readonly:
+            try:
+                events.extend(self.maintenance.step(self.local_conn, self.is_coordinator))
+            except Exception as exc:
+                events.append("maintenance failed: %s" % short_error(exc))
+
         if ok and data.get("extension") and not self.readonly:
             state = dict(node=coordinator, term=self.term, decided_by=self.me["name"], voters=dec["voters"],
                          quorum=dec["quorum"], total=total, mode=self.cfg["mode"])
@@ -343,7 +352,8 @@ class Agent:
             postgresql=dict(ok=ok, error=err, version=data.get("server_version"), extension=data.get("extension"),
                             lsn=data.get("current_lsn")),
             subscriptions=subs, conflicts=data.get("conflicts"), ddl_queue=data.get("ddl_queue"),
-            ranges=data.get("ranges") or [], nodes=data.get("nodes") or [], cycles=self.cycles,
+            ranges=data.get("ranges") or [], nodes=data.get("nodes") or [], maintenance=self.maintenance.view(),
+            cycles=self.cycles,
             cycle_duration_seconds=round(duration, 4), interval_seconds=self.interval, lease_seconds=self.lease,
             election_timeout_seconds=self.cfg["election_timeout"],
             uptime_seconds=round(time.time() - self.started, 1))

@@ -190,6 +190,13 @@ def build_parser():
     cr.add_argument("--resolution", required=True, help="local, remote or merge (or KEPT_LOCAL, APPLIED_REMOTE, MERGED)")
     cr.add_argument("--merged", help="merge: the merged row as a JSON object")
     cr.add_argument("--xid", type=int, help="resolve every conflict of one origin transaction (resolve_conflicts_bulk)")
+    cp = cf.add_parser("purge", parents=[common],
+                       help="delete decided conflicts older than --older-than (steep_repl.purge_conflict_log; "
+                            "PENDING entries stay)")
+    cp.add_argument("--older-than", required=True,
+                    help="how long a decided conflict is kept: 90d, 12h or a PostgreSQL interval ('90 days')")
+    cp.add_argument("--batch-size", type=int, default=10000, help="entries deleted per statement (default 10000)")
+    cp.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
 
     rg = sub.add_parser("range", help="identity ranges").add_subparsers(dest="action", metavar="ACTION")
     rg.required = True
@@ -226,7 +233,8 @@ def main(argv=None):
     from .commands import CommandError
     cmd = args.command if args.command in ("status", "health") else "%s_%s" % (args.command, args.action)
     cargs = {}
-    for k in ("name", "host", "port", "priority", "pending", "limit", "id", "resolution", "merged", "xid", "node", "table", "size"):
+    for k in ("name", "host", "port", "priority", "pending", "limit", "id", "resolution", "merged", "xid", "node", "table", "size",
+              "older_than", "batch_size", "dry_run"):
         if hasattr(args, k):
             cargs[k] = getattr(args, k)
     try:

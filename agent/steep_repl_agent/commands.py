@@ -7,6 +7,8 @@ from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import nodeinit
 
 from . import collect
+from .config import ConfigError, parse_duration
+from .maintenance import interval_text
 
 
 class CommandError(Exception):
@@ -125,6 +127,40 @@ def conflicts_resolve(conn, args):
                                                                  str(exc).strip().splitlines()[0]))
 
 
+def conflicts_purge(conn, args):
+    """Retention of this node's conflict log (conflicts module_utils, ``steep_repl.purge_conflict_log``);
+    ``--dry-run`` counts in a transaction that is rolled back."""
+    _require_extension(conn)
+    older = args.get("older_than")
+    if older is None or not str(older).strip():
+        raise CommandError("--older-than is required: how long a decided conflict is kept, e.g. 90d or '90 days'. "
+                           "Nothing was deleted.")
+    try:  # the agent's durations (90d, 12h) or a PostgreSQL interval ('90 days')
+        older = interval_text(parse_duration(older, "--older-than"))
+    except ConfigError:
+        older = str(older)
+    batch = args.get("batch_size")
+    batch = 10000 if batch is None else int(batch)
+    mod = collect.optional_module("conflicts")
+    if mod is None or not hasattr(mod, "purge_log"):
+        raise CommandError("this installation has no conflict-log retention. Fix: install the steep.repl collection "
+                           "that provides it (plugins/module_utils/conflicts.py).")
+    dry = bool(args.get("dry_run"))
+    conn.autocommit = not dry
+    try:
+        res = mod.purge_log(conn, older, batch)
+    finally:
+        if dry:
+            conn.rollback()
+            conn.autocommit = True
+    res.pop("queries", None)
+    res.pop("complete", None)
+    res["older_than"] = older
+    if dry:
+        res = dict(res, changed=False, dry_run=True, would_purge=res.pop("purged"))
+    return res
+
+
 def range_status(conn, args=None):
     _require_extension(conn)
     node = (args or {}).get("node")
@@ -168,7 +204,7 @@ def init_status(conn, args=None):
 
 DB_COMMANDS = {
     "node_status": node_status, "node_add": node_add, "node_remove": node_remove,
-    "conflicts_list": conflicts_list, "conflicts_resolve": conflicts_resolve,
+    "conflicts_list": conflicts_list, "conflicts_resolve": conflicts_resolve, "conflicts_purge": conflicts_purge,
     "range_status": range_status, "range_allocate": range_allocate, "init_status": init_status,
 }
 

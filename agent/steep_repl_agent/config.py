@@ -14,7 +14,7 @@ import tempfile
 import yaml
 
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
-DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 DEFAULT_PASSWORD_ENV = "STEEP_PG_PASSWORD"
 DEFAULT_HTTP_PORT = 5433
 
@@ -38,19 +38,27 @@ class ConfigError(Exception):
 
 
 def parse_duration(value, key):
-    """Seconds (float) from ``5s``, ``500ms``, ``1m``, ``2h`` or a number of seconds."""
+    """Seconds (float) from ``5s``, ``500ms``, ``1m``, ``2h``, ``90d`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ConfigError("%s: %r is not a duration. Fix: use e.g. 5s, 500ms, 1m or a number of seconds." % (key, value))
+        raise ConfigError("%s: %r is not a duration. Fix: use e.g. 5s, 500ms, 1m, 2h, 90d or a number of seconds." % (key, value))
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
         m = DURATION_RE.match(str(value))
         if not m:
-            raise ConfigError("%s: %r is not a duration. Fix: use e.g. 5s, 500ms, 1m or a number of seconds." % (key, value))
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+            raise ConfigError("%s: %r is not a duration. Fix: use e.g. 5s, 500ms, 1m, 2h, 90d or a number of seconds."
+                              % (key, value))
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
     if seconds <= 0:
         raise ConfigError("%s: must be greater than 0 (got %r)." % (key, value))
     return seconds
+
+
+def _optional_duration(value, key):
+    """A duration, or None when the feature is off (unset, empty, ``off`` or false)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    return parse_duration(value, key)
 
 
 def _mapping(value, key, required=False):
@@ -172,7 +180,8 @@ def validate(raw, environ=None):
     raw = _mapping(raw, "(top level)", required=True)
     _unknown(raw, ["replication"], "(top level)")
     rep = _mapping(raw.get("replication"), "replication", required=True)
-    _unknown(rep, ["topology", "credentials", "tls", "alerts", "agent", "identity_ranges", "networking"], "replication")
+    _unknown(rep, ["topology", "credentials", "tls", "alerts", "agent", "identity_ranges", "networking", "maintenance"],
+             "replication")
     topo = _mapping(rep.get("topology"), "replication.topology", required=True)
     _unknown(topo, ["mode", "hub", "this_node", "nodes", "health_check", "election_timeout"], "replication.topology")
     mode = _str(topo.get("mode"), "replication.topology.mode", default="mesh")
@@ -266,9 +275,24 @@ def validate(raw, environ=None):
     ranges = dict(threshold_percent=_int(ir.get("threshold_percent"), "replication.identity_ranges.threshold_percent",
                                          1, 100, default=80),
                   preallocate=bool(ir.get("preallocate", True)))
+    mt = _mapping(rep.get("maintenance"), "replication.maintenance")
+    _unknown(mt, ["conflict_log_retention", "tombstone_purge_interval", "batch_size", "stall_timeout"],
+             "replication.maintenance")
+    maintenance = dict(
+        conflict_log_retention=_optional_duration(mt.get("conflict_log_retention"),
+                                                  "replication.maintenance.conflict_log_retention"),
+        tombstone_purge_interval=_optional_duration(mt.get("tombstone_purge_interval"),
+                                                    "replication.maintenance.tombstone_purge_interval"),
+        batch_size=_int(mt.get("batch_size"), "replication.maintenance.batch_size", 1, 1000000, default=10000),
+        stall_timeout=parse_duration(mt.get("stall_timeout", "60s"), "replication.maintenance.stall_timeout"),
+    )
+    if maintenance["tombstone_purge_interval"] is not None and not peers:
+        raise ConfigError("replication.maintenance.tombstone_purge_interval: the purge settles tombstones on the whole "
+                          "mesh, and replication.topology.nodes lists no other node. Fix: list every other node of the "
+                          "mesh there, or remove the setting.")
     cfg = dict(mode=mode, hub=hub, this_node=this, peers=peers, health=health, credentials=creds, tls=tls,
                agent=agent, rules=_rules(rep.get("alerts"), "replication.alerts"), ranges=ranges,
-               election_timeout=None)
+               maintenance=maintenance, election_timeout=None)
     # A coordinator's decision holds for one worst-case cycle (interval + check timeout + 1 s margin); a node that
     # lost sight of a claiming coordinator waits that lease plus one of its own check rounds before taking over.
     cfg["lease"] = health["interval"] + health["timeout"] + 1.0

@@ -305,11 +305,12 @@ def revert(sql, conn, conflict_id, reason="Manual revert"):
     return {"changed": True, "conflict": after, "before": before, "new_conflict_id": new_id, "queries": sql.queries}
 
 
-def purge_log(conn, older_than, batch=10000):
+def purge_log(conn, older_than, batch=10000, max_batches=None):
     """Retention: delete this node's decided conflict_log entries detected more than ``older_than`` (a
     PostgreSQL interval) ago, in batches (``steep_repl.purge_conflict_log``: PENDING entries and unfinished
-    revert chains stay). Runs in the module's transaction: in check mode it is rolled back, so the count is
-    exact and nothing stays. Returns a result dict."""
+    revert chains stay). The module runs it in its transaction (in check mode rolled back, so the count is
+    exact and nothing stays); the agent on an autocommit connection, one batch per cycle (``max_batches``).
+    Returns a result dict."""
     require_engine(conn)
     if not fetch_value(conn, "SELECT pg_catalog.to_regprocedure('steep_repl.purge_conflict_log(interval,integer)') IS NOT NULL"):
         raise SteepError("this node's steep_repl extension has no conflict-log retention. Fix: run the foundation "
@@ -320,19 +321,27 @@ def purge_log(conn, older_than, batch=10000):
     try:
         fetch_value(conn, "SELECT %s::interval", (older_than,))
     except psycopg2.DataError:
+        if not conn.autocommit:
+            conn.rollback()
         raise SteepError("older_than %r is not a PostgreSQL interval. Fix: give one such as '90 days' or "
                          "'12 hours'; nothing was deleted." % (older_than,))
     before = fetch_value(conn, "SELECT count(*) FROM steep_repl.conflict_log")
     query = "SELECT steep_repl.purge_conflict_log(%s::interval, %s)"
-    purged = 0
+    purged = batches = 0
     while True:
-        n = fetch_value(conn, query, (older_than, batch))
+        try:
+            n = fetch_value(conn, query, (older_than, batch))
+        except psycopg2.Error as exc:
+            if not conn.autocommit:
+                conn.rollback()
+            raise SteepError("purging the conflict log failed: %s" % explain_db_error(exc))
         purged += n
-        if n < batch:
+        batches += 1
+        if n < batch or (max_batches and batches >= max_batches):
             break
     with conn.cursor() as cur:
         text = cur.mogrify(query, (older_than, batch)).decode()
-    return {"changed": purged > 0, "purged": purged, "before": {"entries": before},
+    return {"changed": purged > 0, "purged": purged, "before": {"entries": before}, "complete": n < batch,
             "after": {"entries": before - purged}, "queries": [text] if purged else []}
 
 

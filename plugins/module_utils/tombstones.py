@@ -33,7 +33,8 @@ import json
 from ansible_collections.steep.repl.plugins.module_utils.conflicts import settle_unique
 from ansible_collections.steep.repl.plugins.module_utils.db import SteepError, fetch_all, fetch_one, fetch_value
 from ansible_collections.steep.repl.plugins.module_utils.replication import (
-    WAL_MARK, Mesh, build_members, slot_name, subscription_name, wait_slot_confirmed, wait_transactions_ended)
+    SLOT_PREFIX, SUB_PREFIX, WAL_MARK, Mesh, build_members, peer_of, slot_name, subscription_name, wait_slot_confirmed,
+    wait_transactions_ended)
 
 ORDERED = ("last_write_wins", "first_write_wins", "node_priority")
 COUNTS = ("SELECT count(*) FILTER (WHERE v.deleted) AS tombstones, "
@@ -66,6 +67,15 @@ def _check_ready(mesh):
             m.conn, "SELECT subname, subenabled FROM pg_catalog.pg_subscription "
                     "WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())"))
         slots = set(r["slot_name"] for r in fetch_all(m.conn, "SELECT slot_name FROM pg_catalog.pg_replication_slots"))
+        # the rounds prove a tombstone settled only for the nodes they cover: a steep subscription or slot of a
+        # node outside the run means versions (or a receiver) the proof does not see
+        outside = sorted((set(peer_of(n, SUB_PREFIX) for n in subs if n.startswith(SUB_PREFIX)) |
+                          set(peer_of(n, SLOT_PREFIX) for n in slots if n.startswith(SLOT_PREFIX))) - set(ids))
+        if outside:
+            raise SteepError("%s replicates with node(s) %s, which this run does not include, so no tombstone can be "
+                             "proven settled. Fix: list every node of the mesh (the whole steep_nodes group, or every "
+                             "node in the agent's replication.topology.nodes), or remove the departed node with "
+                             "playbooks/steep_replication.yml, then re-run." % (m.node_id, ", ".join(outside)))
         for peer in ids:
             if peer == m.node_id:
                 continue

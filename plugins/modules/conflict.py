@@ -233,6 +233,7 @@ def run(module, conn):
         return res
     if p["state"] == "purged":
         res = conflicts.purge_log(conn, p["older_than"], p["batch_size"])
+        res.pop("complete", None)
         res["diff"] = {"before": res["before"], "after": res["after"]}
         return res
     res = conflicts.revert(sql, conn, p["conflict_id"], p["reason"])

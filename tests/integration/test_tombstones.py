@@ -258,6 +258,19 @@ def test_refuses_while_a_node_is_initialised(lab):
         n2.sql("UPDATE steep_repl.nodes SET init_state = %s WHERE node_id = 'node2'", (state,))
 
 
+def test_refuses_a_run_that_leaves_out_a_node_of_the_mesh(lab, tmp_path):
+    """An inventory without node3 (which still replicates with both): its versions would escape the rounds."""
+    lab.nodes[0].sql("DELETE FROM public.t WHERE id = 24")
+    cs.sync(lab)
+    before = everything(lab)
+    inv = lab.write_inventory(tmp_path / "two.yml", group_vars=GROUP_VARS, nodes=["node1", "node2"])
+    res = run_playbook("purge_tombstones.yml", inv)
+    assert res.rc != 0
+    msg = " ".join(res.failure_messages())
+    assert "node1 replicates with node(s) node3, which this run does not include" in msg and "Fix:" in msg, msg
+    assert everything(lab) == before
+
+
 def test_refuses_a_bad_batch_size(lab):
     refused(lab, ["batch_size must be 1 or more, got 0"], extra_vars={"steep_tombstone_batch_size": 0})
 

@@ -27,7 +27,8 @@ def test_defaults_and_seed_shape():
     assert {r["metric"] for r in cfg["rules"]} == set(C.METRICS)
 
 
-@pytest.mark.parametrize("value,seconds", [("5s", 5), ("500ms", 0.5), ("1m", 60), (2, 2), ("1.5s", 1.5), ("2h", 7200)])
+@pytest.mark.parametrize("value,seconds", [("5s", 5), ("500ms", 0.5), ("1m", 60), (2, 2), ("1.5s", 1.5), ("2h", 7200),
+                                           ("90d", 7776000)])
 def test_durations(value, seconds):
     assert C.parse_duration(value, "k") == seconds
 
@@ -58,6 +59,13 @@ def test_durations(value, seconds):
      "replication.alerts.rules[0].warning"),
     (lambda r: r["replication"].update(agent={"http_port": 70000}), "replication.agent.http_port"),
     (lambda r: r["replication"].update(bogus=1), "replication.bogus"),
+    (lambda r: r["replication"].update(maintenance={"conflict_log_retention": "90 days"}),
+     "replication.maintenance.conflict_log_retention"),
+    (lambda r: r["replication"].update(maintenance={"tombstone_purge_interval": 0}),
+     "replication.maintenance.tombstone_purge_interval"),
+    (lambda r: r["replication"].update(maintenance={"batch_size": 0}), "replication.maintenance.batch_size"),
+    (lambda r: r["replication"].update(maintenance={"stall_timeout": "soon"}), "replication.maintenance.stall_timeout"),
+    (lambda r: r["replication"].update(maintenance={"retention": "90d"}), "replication.maintenance.retention"),
     (lambda r: r.pop("replication"), "replication"),
 ])
 def test_bad_config_names_the_key(mutate, key):
@@ -99,3 +107,42 @@ def test_load_errors(tmp_path):
 def test_star_hub_defaults_to_highest_priority():
     cfg = C.validate(base(mode="star"), environ={})
     assert cfg["hub"] == "node_a"
+
+
+def test_maintenance_defaults_off_and_parsed():
+    cfg = C.validate(base(), environ={})
+    assert cfg["maintenance"] == {"conflict_log_retention": None, "tombstone_purge_interval": None,
+                                  "batch_size": 10000, "stall_timeout": 60.0}
+    raw = base()
+    raw["replication"]["maintenance"] = {"conflict_log_retention": "90d", "tombstone_purge_interval": "6h",
+                                         "batch_size": 500, "stall_timeout": "2m"}
+    assert C.validate(raw, environ={})["maintenance"] == {"conflict_log_retention": 7776000.0,
+                                                          "tombstone_purge_interval": 21600.0,
+                                                          "batch_size": 500, "stall_timeout": 120.0}
+    for off in ("", "off", None, False):
+        raw["replication"]["maintenance"] = {"conflict_log_retention": off, "tombstone_purge_interval": off}
+        m = C.validate(raw, environ={})["maintenance"]
+        assert m["conflict_log_retention"] is None and m["tombstone_purge_interval"] is None
+
+
+def test_tombstone_purge_needs_the_other_nodes():
+    raw = base(nodes=[])
+    raw["replication"]["maintenance"] = {"tombstone_purge_interval": "6h"}
+    with pytest.raises(C.ConfigError) as exc:
+        C.validate(raw, environ={})
+    assert "replication.maintenance.tombstone_purge_interval" in str(exc.value) and "Fix:" in str(exc.value)
+    raw["replication"]["maintenance"] = {"conflict_log_retention": "30d"}     # a node's own log: no peers needed
+    assert C.validate(raw, environ={})["maintenance"]["conflict_log_retention"] == 2592000.0
+
+
+def test_maintenance_mesh_specs_and_intervals():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".collections"))
+    from steep_repl_agent import maintenance as M
+    assert M.interval_text(2592000.0) == "2592000 seconds" and M.interval_text(1.5) == "1.5 seconds"
+    raw = base()
+    raw["replication"]["credentials"] = {"node_a": {"password_env": "PW_A"}, "node_b": {"user": "repl"}}
+    cfg = C.validate(raw, environ={})
+    specs = M.mesh_specs(cfg, environ={"PW_A": "secret-a", C.DEFAULT_PASSWORD_ENV: "secret-b"})
+    assert [(s["node_id"], s["host"], s["port"], s["user"], s["password"]) for s in specs] == \
+        [("node_a", "127.0.0.1", 5432, "postgres", "secret-a"), ("node_b", "b.example", 5432, "repl", "secret-b")]
+    assert all(s["ssl_mode"] == "prefer" and s["database"] == "postgres" for s in specs)
