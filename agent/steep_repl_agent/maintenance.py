@@ -116,7 +116,7 @@ class Maintenance:
         try:
             res = tombstones.purge(mesh_specs(self.cfg), stall=self.stall, batch=self.batch, lock_timeout=5)
             outcome = dict(ok=True, purged=res.get("purged"), unique_settled=res.get("unique_settled"),
-                           horizons=res.get("horizons"), changed=res.get("changed"))
+                           horizons=res.get("horizons"), departed=res.get("departed"), changed=res.get("changed"))
         except Exception as exc:
             text = str(exc).strip()
             outcome = dict(ok=False, error=text.splitlines()[0] if text else exc.__class__.__name__)

@@ -1514,9 +1514,16 @@ BEGIN
             USING HINT = 'Fix: run the steep.repl.tombstones module (playbooks/purge_tombstones.yml); it computes them.',
                   ERRCODE = '22023';
     END IF;
+    -- a node of steep_repl.nodes, or a departed one: it left tombstones here, and nothing here receives from it
     SELECT pg_catalog.string_agg(pg_catalog.quote_literal(e.key), ', ' ORDER BY e.key) INTO v_bad
       FROM pg_catalog.jsonb_each(p_horizons) e
-     WHERE NOT EXISTS (SELECT 1 FROM steep_repl.nodes n WHERE n.node_id = e.key);
+     WHERE NOT EXISTS (SELECT 1 FROM steep_repl.nodes n WHERE n.node_id = e.key)
+       AND (e.key = 'steep_repl'
+            OR NOT EXISTS (SELECT 1 FROM steep_repl.row_version v WHERE v.ver_node = e.key AND v.deleted)
+            OR EXISTS (SELECT 1 FROM pg_catalog.pg_subscription s
+                        WHERE s.subname = 'steep_from_' || e.key
+                          AND s.subdbid = (SELECT d.oid FROM pg_catalog.pg_database d
+                                            WHERE d.datname = pg_catalog.current_database())));
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'tombstone horizons name nodes this node does not know: %', v_bad
             USING HINT = 'Fix: run the foundation play (playbooks/steep_foundation.yml) so every node knows the mesh, then re-run.',

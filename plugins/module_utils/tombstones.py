@@ -40,6 +40,10 @@ ORDERED = ("last_write_wins", "first_write_wins", "node_priority")
 COUNTS = ("SELECT count(*) FILTER (WHERE v.deleted) AS tombstones, "
           "count(*) FILTER (WHERE v.deleted AND steep_repl._settled(v)) AS settled "
           "FROM steep_repl.row_version v")
+# origins of tombstones that are not nodes of the run: departed nodes (_check_ready has made sure that no member
+# replicates with them any more), not the pseudo node of derived tombstones
+DEPARTED = ("SELECT DISTINCT v.ver_node FROM steep_repl.row_version v "
+            "WHERE v.deleted AND v.ver_node <> ALL(%s) AND v.ver_node <> 'steep_repl'")
 CANDIDATES = ("SELECT count(*) FROM steep_repl.row_version v JOIN steep_repl.conflict_tables ct ON ct.tbl = v.tbl, "
               "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
               "WHERE v.deleted AND s.strategy = ANY(%s) AND v.ver_node = ANY(%s) AND v.ver_ts <= pg_catalog.clock_timestamp()")
@@ -148,11 +152,14 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
         mesh.observe()          # the extension is installed everywhere (or a clear error)
         _check_ready(mesh)
         before = _counts(mesh)
-        # tombstones a run settles: of ordered tables, written until now by a node of the mesh (a departed
-        # node's tombstones have no horizon and stay)
+        # tombstones a run settles: of ordered tables, written until now by a node of the mesh or by a departed node
+        # (nothing receives from it any more, so its tombstones are settled like the others once the rounds
+        # have carried every version written before them)
         ids = [m.node_id for m in mesh.members]
-        candidates = dict((m.node_id, fetch_value(m.conn, CANDIDATES, (list(ORDERED), ids))) for m in mesh.members)
-        result = {"nodes": [m.node_id for m in members], "queries": [], "horizons": {},
+        departed = sorted(set(r["ver_node"] for m in mesh.members for r in fetch_all(m.conn, DEPARTED, (ids,))))
+        candidates = dict((m.node_id, fetch_value(m.conn, CANDIDATES, (list(ORDERED), ids + departed)))
+                          for m in mesh.members)
+        result = {"nodes": [m.node_id for m in members], "queries": [], "horizons": {}, "departed": departed,
                   "purged": dict((i, 0) for i in before)}
         unique = _settle_unique(mesh, batch, check_mode, result["queries"])
         result["would_settle_unique" if check_mode else "unique_settled"] = unique
@@ -168,6 +175,8 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
             return result
         horizons = _round(mesh, stall)
         _round(mesh, stall)
+        for gone in departed:   # a departed node's clock is not read: the earliest mark of the run stands for it
+            horizons[gone] = min(horizons[i] for i in ids)
         text = json.dumps(dict((i, h.isoformat()) for i, h in horizons.items()), sort_keys=True)
         for m in mesh.members:     # every node knows the horizons before any node purges
             fetch_value(m.conn, "SELECT steep_repl.set_tombstone_horizon(%s::jsonb)", (text,))

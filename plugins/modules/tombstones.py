@@ -30,8 +30,11 @@ description:
   - Only tables whose strategy is an order (C(last_write_wins), C(first_write_wins), C(node_priority)) are purged.
     Under C(keep_local), C(apply_remote) and C(manual), nodes may keep different versions of a key on purpose, so
     their tombstones stay.
+  - Tombstones written by a node that has left the mesh (no node of O(nodes) replicates with it any more) are
+    settled by the same rounds, with the run's earliest mark as that node's horizon (RV(departed)).
   - Refuses, changing nothing, when a node is not C(SYNCHRONIZED) (initialisation, reinit, divergence), lacks a
-    subscription or slot of the mesh, has a disabled subscription, or runs an extension without tombstone purging.
+    subscription or slot of the mesh, has a disabled subscription, still replicates with a node left out of
+    O(nodes), or runs an extension without tombstone purging.
     A node or slot that stops moving for O(stall_timeout) seconds, or a transaction open since before the round,
     fails the run before anything is purged. No horizon is recorded either, unless the failure is in the last
     two steps.
@@ -89,6 +92,12 @@ horizons:
   returned: success, when a purge ran
   type: dict
   sample: {node_a: "2026-12-05T14:02:11.120931+00:00"}
+departed:
+  description: Nodes outside O(nodes) whose tombstones some node still holds (they left the mesh); a run settles them too.
+  returned: success
+  type: list
+  elements: str
+  sample: [node_c]
 unique_settled:
   description: Tombstones of unique-key conflict losers sent to the other nodes, per node.
   returned: success, not in check mode

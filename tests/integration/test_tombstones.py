@@ -339,3 +339,48 @@ def test_a_table_switched_from_keep_local_to_an_order_converges_after_a_purge(la
     for n in lab.nodes:
         assert cs.image_mismatches(n, "public.kl") == [], n.name
     healthy(lab)
+
+
+def test_tombstones_of_a_node_that_left_the_mesh_are_settled(lab, tmp_path):
+    """Runs last: node3 leaves the mesh (site.yml without it drops its subscriptions and slots; node1 also forgets
+    its row). Its tombstones on node1 and node2 are settled by the next purge of the two, with the run's earliest
+    mark as its horizon; before, they stayed for ever. A purged key written again converges."""
+    n1, n2, n3 = lab.nodes
+    n3.sql("DELETE FROM public.t WHERE id BETWEEN 25 AND 28")
+    n1.sql("DELETE FROM public.t WHERE id = 29")
+    cs.sync(lab)
+    of_node3 = "SELECT count(*) FROM steep_repl.row_version WHERE deleted AND ver_node = 'node3'"
+    assert n1.sql(of_node3)[0][0] >= 4 and n2.sql(of_node3) == n1.sql(of_node3)
+    inv = lab.write_inventory(tmp_path / "two.yml", group_vars=dict(GROUP_VARS, steep_conflict_strategies={}),
+                              nodes=["node1", "node2"])
+    res = run_playbook("site.yml", inv)
+    assert res.rc == 0, res.failure_messages()
+    for n in (n1, n2):
+        st = mesh.mesh_state(n)
+        assert "steep_from_node3" not in st["subscriptions"] and "steep_to_node3" not in st["slots"]
+    assert n1.sql("SELECT steep_repl.remove_node('node3')") == [(True,)]
+    with pytest.raises(Exception) as exc:     # a node nobody knows and that left nothing here: still refused
+        n1.sql("""SELECT steep_repl.set_tombstone_horizon('{"node8": "2020-01-01"}')""")
+    assert "does not know: 'node8'" in str(exc.value)
+
+    h3 = "SELECT horizon FROM steep_repl.tombstone_horizon WHERE node_id = 'node3'"
+    before = [(n.sql(of_node3), n.sql(h3)) for n in (n1, n2)]
+    res = run_playbook("purge_tombstones.yml", inv, check=True)
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    assert result_of(res)["departed"] == ["node3"]
+    assert [(n.sql(of_node3), n.sql(h3)) for n in (n1, n2)] == before
+    res = run_playbook("purge_tombstones.yml", inv, diff=True)
+    assert res.rc == 0 and res.changed() == 1, res.failure_messages()
+    r = result_of(res)
+    assert r["departed"] == ["node3"] and r["horizons"]["node3"] == min(r["horizons"][i] for i in ("node1", "node2"))
+    for n in (n1, n2):
+        assert n.sql(of_node3) == [(0,)], n.name
+        assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.t' AND pk = '[29]'") == [(0,)]
+    assert run_playbook("purge_tombstones.yml", inv).changed() == 0
+
+    n2.sql("INSERT INTO public.t VALUES (25, 'back on node2')")
+    n1.sql("INSERT INTO public.t VALUES (26, 'back on node1')")
+    rows = mesh.wait_converged(lab, "SELECT id, v FROM public.t WHERE id BETWEEN 25 AND 29 ORDER BY id",
+                               nodes=["node1", "node2"])
+    assert rows == [(25, "back on node2"), (26, "back on node1")]
+    mesh.assert_healthy(lab, nodes=["node1", "node2"])
