@@ -356,7 +356,19 @@ CREATE TABLE IF NOT EXISTS steep_repl.tombstone_horizon (
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- Derived tombstones (pseudo node 'steep_repl', "Other unique keys") proven settled on this node. Their
+-- ver_ts is the losing version's, not the time they were made, so no horizon can cover them: the purge
+-- records each one it found on every node before its rounds (steep_repl.settle_derived_tombstones).
+CREATE TABLE IF NOT EXISTS steep_repl.derived_settled (
+    tbl        TEXT NOT NULL,
+    pk         TEXT NOT NULL,
+    ver_ts     TIMESTAMPTZ NOT NULL,     -- the derived tombstone's version (ver_node 'steep_repl')
+    settled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (tbl, pk)
+);
+
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.row_version', '');
+SELECT pg_catalog.pg_extension_config_dump('steep_repl.derived_settled', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.tombstone_horizon', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('steep_repl.conflict_strategies', '');
@@ -1737,17 +1749,62 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Tombstones (docs/conflicts.md, "Tombstones"): settled ones are purged by steep.repl.tombstones
 -- ---------------------------------------------------------------------------------------------
--- A settled tombstone: at or below its origin's horizon, of a table whose strategy is an order. Under
--- keep_local, apply_remote and manual, nodes may keep different versions of a key on purpose, so a
--- tombstone there is never settled (a later version of another node must still meet it).
+-- A settled tombstone: at or below its origin's horizon (a derived one: recorded in derived_settled), of a
+-- table whose strategy is an order. Under keep_local, apply_remote and manual, nodes may keep different
+-- versions of a key on purpose, so a tombstone there is never settled (a later version of another node must
+-- still meet it).
 CREATE OR REPLACE FUNCTION steep_repl._settled(v steep_repl.row_version) RETURNS BOOLEAN
 LANGUAGE sql STABLE AS $$
     SELECT v.deleted AND EXISTS (
-        SELECT 1 FROM steep_repl.tombstone_horizon h, steep_repl.conflict_tables ct,
-               steep_repl.table_strategy(ct.table_schema, ct.table_name) s
-         WHERE h.node_id = v.ver_node AND v.ver_ts <= h.horizon AND ct.tbl = v.tbl
-           AND s.strategy IN ('last_write_wins', 'first_write_wins', 'node_priority'))
+        SELECT 1 FROM steep_repl.conflict_tables ct, steep_repl.table_strategy(ct.table_schema, ct.table_name) s
+         WHERE ct.tbl = v.tbl AND s.strategy IN ('last_write_wins', 'first_write_wins', 'node_priority')
+           AND (EXISTS (SELECT 1 FROM steep_repl.tombstone_horizon h
+                         WHERE h.node_id = v.ver_node AND v.ver_ts <= h.horizon)
+                OR (v.ver_node = 'steep_repl'
+                    AND EXISTS (SELECT 1 FROM steep_repl.derived_settled d
+                                 WHERE d.tbl = v.tbl AND d.pk = v.pk AND d.ver_ts = v.ver_ts))))
 $$;
+
+-- Record derived tombstones as settled: p_keys is [[tbl, pk, ver_ts epoch seconds], ...], the derived
+-- tombstones (not queued for sending) that every node held before the purge's rounds. Only an entry that
+-- is this node's current version of the key, exactly, is recorded. Returns how many were recorded.
+-- Called by steep.repl.tombstones on every node after its rounds, before any node purges.
+CREATE OR REPLACE FUNCTION steep_repl.settle_derived_tombstones(p_keys JSONB) RETURNS INTEGER
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    v_n INTEGER;
+BEGIN
+    IF p_keys IS NULL OR pg_catalog.jsonb_typeof(p_keys) <> 'array'
+       OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(p_keys) e
+                   WHERE pg_catalog.jsonb_typeof(e) <> 'array' OR pg_catalog.jsonb_array_length(e) <> 3
+                      OR pg_catalog.jsonb_typeof(e -> 0) <> 'string' OR pg_catalog.jsonb_typeof(e -> 1) <> 'string'
+                      OR pg_catalog.jsonb_typeof(e -> 2) <> 'number') THEN
+        RAISE EXCEPTION 'derived tombstones must be a JSON array of [table, key, version time in epoch seconds], got %',
+            pg_catalog.left(coalesce(p_keys::TEXT, 'NULL'), 200)
+            USING HINT = 'Fix: run the steep.repl.tombstones module (playbooks/purge_tombstones.yml); it finds them.',
+                  ERRCODE = '22023';
+    END IF;
+    -- records whose key has moved on to another version since (the purge takes a record with its tombstone)
+    DELETE FROM steep_repl.derived_settled d
+     WHERE NOT EXISTS (SELECT 1 FROM steep_repl.row_version v WHERE v.tbl = d.tbl AND v.pk = d.pk
+                          AND v.ver_node = 'steep_repl' AND v.deleted AND v.ver_ts = d.ver_ts);
+    WITH k AS (
+        SELECT e ->> 0 AS tbl, e ->> 1 AS pk, (e ->> 2)::NUMERIC AS ts FROM pg_catalog.jsonb_array_elements(p_keys) e),
+    rec AS (
+        INSERT INTO steep_repl.derived_settled AS d (tbl, pk, ver_ts)
+        SELECT v.tbl, v.pk, v.ver_ts FROM k JOIN steep_repl.row_version v ON v.tbl = k.tbl AND v.pk = k.pk
+         WHERE v.ver_node = 'steep_repl' AND v.deleted AND EXTRACT(EPOCH FROM v.ver_ts) = k.ts
+        ON CONFLICT (tbl, pk) DO UPDATE SET ver_ts = EXCLUDED.ver_ts, settled_at = pg_catalog.now()
+         WHERE d.ver_ts IS DISTINCT FROM EXCLUDED.ver_ts
+        RETURNING 1)
+    SELECT count(*) INTO v_n FROM rec;
+    IF v_n > 0 THEN
+        PERFORM steep_repl.audit('tombstones.derived', 'node', steep_repl.local_node_id(), NULL,
+                                 pg_catalog.jsonb_build_object('settled', v_n));
+    END IF;
+    RETURN v_n;
+END $$;
+REVOKE ALL ON FUNCTION steep_repl.settle_derived_tombstones(JSONB) FROM PUBLIC;
 
 -- Record horizons {node_id: timestamptz}; a horizon only moves forward. Returns how many moved.
 -- Called by steep.repl.tombstones on every node, only after it proved the horizons (see the table).
@@ -1819,7 +1876,9 @@ BEGIN
     gone AS (
         DELETE FROM steep_repl.row_version v USING victims x
          WHERE v.tbl = x.tbl AND v.pk = x.pk AND v.deleted AND steep_repl._settled(v)
-        RETURNING 1)
+        RETURNING v.tbl, v.pk),
+    unrecorded AS (                     -- a purged derived tombstone's record goes with it
+        DELETE FROM steep_repl.derived_settled d USING gone g WHERE d.tbl = g.tbl AND d.pk = g.pk)
     SELECT count(*) INTO v_purged FROM gone;
     RETURN v_purged;
 END $$;

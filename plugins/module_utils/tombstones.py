@@ -22,7 +22,12 @@ meets a settled tombstone descends from it), and only after every node has them,
 settled tombstones in batches (``steep_repl.purge_tombstones``): a node that purged first may re-insert the
 key at epoch 0, and the others must already know that this beats their tombstone.
 
-Shared by the ``steep.repl.tombstones`` module; no Ansible imports.
+A derived tombstone (pseudo node ``steep_repl``, the loser of a unique-key conflict) carries the losing version's
+time, not the time it was made, so no horizon covers it. One that every node holds before round 1, and that no node
+still has to send, is settled by the same rounds (every version written before some node held it was written before
+round 1): every node records it (``steep_repl.settle_derived_tombstones``) with the horizons, before any purge.
+
+Shared by the ``steep.repl.tombstones`` module and the agent; no Ansible imports.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -44,6 +49,13 @@ COUNTS = ("SELECT count(*) FILTER (WHERE v.deleted) AS tombstones, "
 # replicates with them any more), not the pseudo node of derived tombstones
 DEPARTED = ("SELECT DISTINCT v.ver_node FROM steep_repl.row_version v "
             "WHERE v.deleted AND v.ver_node <> ALL(%s) AND v.ver_node <> 'steep_repl'")
+# derived tombstones (pseudo node steep_repl, module docstring) a node holds, not queued for sending, not yet
+# recorded as settled; the version time as exact epoch seconds
+DERIVED = ("SELECT v.tbl, v.pk, EXTRACT(EPOCH FROM v.ver_ts)::text AS ts FROM steep_repl.row_version v "
+           "JOIN steep_repl.conflict_tables ct ON ct.tbl = v.tbl, "
+           "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
+           "WHERE v.deleted AND v.ver_node = 'steep_repl' AND s.strategy = ANY(%s) AND NOT steep_repl._settled(v) "
+           "AND NOT EXISTS (SELECT 1 FROM steep_repl.unique_settle u WHERE u.tbl = v.tbl AND u.pk = v.pk)")
 CANDIDATES = ("SELECT count(*) FROM steep_repl.row_version v JOIN steep_repl.conflict_tables ct ON ct.tbl = v.tbl, "
               "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
               "WHERE v.deleted AND s.strategy = ANY(%s) AND v.ver_node = ANY(%s) AND v.ver_ts <= pg_catalog.clock_timestamp()")
@@ -54,7 +66,8 @@ def _check_ready(mesh):
     receives from every other node through an enabled subscription whose slot exists."""
     ids = [m.node_id for m in mesh.members]
     for m in mesh.members:
-        if not fetch_value(m.conn, "SELECT pg_catalog.to_regprocedure('steep_repl.purge_tombstones(integer)') IS NOT NULL"):
+        if not fetch_value(m.conn, "SELECT pg_catalog.to_regprocedure('steep_repl.purge_tombstones(integer)') IS NOT NULL "
+                                   "AND pg_catalog.to_regprocedure('steep_repl.settle_derived_tombstones(jsonb)') IS NOT NULL"):
             raise SteepError("%s runs a steep_repl extension without tombstone purging. Fix: run the foundation play "
                              "(playbooks/steep_foundation.yml) to update the extension on every node, then re-run."
                              % m.node_id)
@@ -120,6 +133,18 @@ def _round(mesh, stall):
     return dict((i, mark["at"]) for i, mark in marks.items())
 
 
+def _derived(mesh):
+    """The derived tombstones every node holds now, not queued anywhere: settled once the rounds have carried every
+    version written before they arrived (their ver_ts is the losing version's, so no horizon covers them).
+    Returns the JSON array text for steep_repl.settle_derived_tombstones and how many there are."""
+    common = None
+    for m in mesh.members:
+        held = set((r["tbl"], r["pk"], r["ts"]) for r in fetch_all(m.conn, DERIVED, (list(ORDERED),)))
+        common = held if common is None else common & held
+    keys = sorted(common or ())
+    return "[%s]" % ", ".join("[%s, %s, %s]" % (json.dumps(t), json.dumps(k), ts) for t, k, ts in keys), len(keys)
+
+
 def _counts(mesh):
     return dict((m.node_id, dict(fetch_one(m.conn, COUNTS))) for m in mesh.members)
 
@@ -163,6 +188,8 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
                   "purged": dict((i, 0) for i in before)}
         unique = _settle_unique(mesh, batch, check_mode, result["queries"])
         result["would_settle_unique" if check_mode else "unique_settled"] = unique
+        derived, n_derived = _derived(mesh)     # held everywhere before the rounds
+        candidates = dict((i, n + n_derived) for i, n in candidates.items())
         if not any(candidates.values()) and not any(c["settled"] for c in before.values()):
             result.update(changed=any(unique.values()), diff={"before": before, "after": _counts(mesh)})
             return result
@@ -178,9 +205,13 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
         for gone in departed:   # a departed node's clock is not read: the earliest mark of the run stands for it
             horizons[gone] = min(horizons[i] for i in ids)
         text = json.dumps(dict((i, h.isoformat()) for i, h in horizons.items()), sort_keys=True)
-        for m in mesh.members:     # every node knows the horizons before any node purges
+        for m in mesh.members:     # every node knows the horizons (and the settled derived tombstones) before any purges
             fetch_value(m.conn, "SELECT steep_repl.set_tombstone_horizon(%s::jsonb)", (text,))
             result["queries"].append("/* %s */ SELECT steep_repl.set_tombstone_horizon('%s')" % (m.node_id, text))
+            if n_derived:
+                fetch_value(m.conn, "SELECT steep_repl.settle_derived_tombstones(%s::jsonb)", (derived,))
+                result["queries"].append("/* %s */ SELECT steep_repl.settle_derived_tombstones(<%d keys>)"
+                                         % (m.node_id, n_derived))
         for m in mesh.members:
             while True:
                 n = fetch_value(m.conn, "SELECT steep_repl.purge_tombstones(%s)", (batch,))

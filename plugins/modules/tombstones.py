@@ -30,6 +30,9 @@ description:
   - Only tables whose strategy is an order (C(last_write_wins), C(first_write_wins), C(node_priority)) are purged.
     Under C(keep_local), C(apply_remote) and C(manual), nodes may keep different versions of a key on purpose, so
     their tombstones stay.
+  - Derived tombstones (the losers of unique-key conflicts, pseudo node C(steep_repl)) that every node holds before
+    the first round and no node still has to send are settled by the same rounds
+    (C(steep_repl.settle_derived_tombstones)).
   - Tombstones written by a node that has left the mesh (no node of O(nodes) replicates with it any more) are
     settled by the same rounds, with the run's earliest mark as that node's horizon (RV(departed)).
   - Refuses, changing nothing, when a node is not C(SYNCHRONIZED) (initialisation, reinit, divergence), lacks a

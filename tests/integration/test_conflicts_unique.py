@@ -299,14 +299,28 @@ def test_a_node_that_never_saw_both_rows_learns_the_loser_lost(lab_factory, sett
         assert res.rc == 0 and r["changed"] and r["unique_settled"] == {"node1": 1, "node2": 1, "node3": 0}, r
         wait_rows(n3, q, [])
         assert [n.sql(queued)[0][0] for n in lab.nodes] == [0, 0, 0]
-        res = run_playbook("purge_tombstones.yml", inv)
-        assert res.rc == 0 and res.changed() == 0, res.task_results(task)     # idempotent
     cs.sync(lab)
     assert mesh.wait_converged(lab, q) == []
     mesh.wait_converged(lab, "SELECT pk, ver_ts, ver_node, deleted, gen FROM steep_repl.row_version "
                              "WHERE tbl = 'public.acct' ORDER BY pk")
-    assert n3.sql("SELECT ver_node, deleted, forced FROM steep_repl.row_version WHERE tbl = 'public.acct' AND pk = '[2]'") == [
-        ("steep_repl", True, True)]
+    derived = "SELECT ver_node, deleted, forced FROM steep_repl.row_version WHERE tbl = 'public.acct' AND pk = '[2]'"
+    assert n3.sql(derived) == [("steep_repl", True, True)]
+    if settler == "playbook":
+        # the next run settles the derived tombstone, which every node now holds (its time is the loser's, so no
+        # horizon covers it: each node records it, then purges it); a third run has nothing left (changed=0)
+        res = run_playbook("purge_tombstones.yml", inv, check=True)
+        [(_h, r)] = res.task_results(task)
+        assert res.rc == 0 and r["would_purge"] == {"node1": 1, "node2": 1, "node3": 1}, r
+        assert all(n.sql(derived) == [("steep_repl", True, True)] for n in lab.nodes)
+        res = run_playbook("purge_tombstones.yml", inv)
+        [(_h, r)] = res.task_results(task)
+        assert res.rc == 0 and r["purged"] == {"node1": 1, "node2": 1, "node3": 1}, r
+        for n in lab.nodes:
+            assert n.sql(derived) == [] and n.sql("SELECT count(*) FROM steep_repl.derived_settled") == [(0,)]
+            assert n.sql("SELECT (new_value->>'settled')::int FROM steep_repl.audit_log "
+                         "WHERE action = 'tombstones.derived'") == [(1,)]
+        res = run_playbook("purge_tombstones.yml", inv)
+        assert res.rc == 0 and res.changed() == 0, res.task_results(task)     # idempotent
     # duplicates were no-ops, node3 applied a descending version: no new conflict anywhere
     assert {n.name: len(cs.conflicts(n)) for n in lab.nodes} == conflicts_before
     assert n1.sql("SELECT steep_repl.settle_unique_conflicts()") == [(0,)]          # the queue is empty
@@ -319,3 +333,13 @@ def test_a_node_that_never_saw_both_rows_learns_the_loser_lost(lab_factory, sett
     assert n2.sql("SELECT pk FROM steep_repl.unique_settle") == [("[99]",)]
     assert n2.sql("SELECT steep_repl.settle_unique_conflicts()") == [(0,)]          # no such version: dequeued only
     assert n2.sql("SELECT count(*) FROM steep_repl.unique_settle") == [(0,)]
+    for bad in ("'{}'", "'[[\"public.acct\", \"[2]\"]]'", "'[[\"public.acct\", \"[2]\", \"soon\"]]'", "NULL"):
+        with pytest.raises(psycopg2.Error) as err:
+            n2.sql("SELECT steep_repl.settle_derived_tombstones(%s)" % bad)
+        assert "derived tombstones must be a JSON array" in str(err.value) and "Fix:" in str(err.value.diag.message_hint)
+    assert n2.sql("SELECT count(*) FROM steep_repl.derived_settled") == [(0,)]
+    # the loser's key and its value written again, on two nodes: every node takes them (after the purge, over no
+    # version; with the agent, over the derived tombstone, which they descend from on the writing node)
+    n3.sql("INSERT INTO public.acct VALUES (2, 'e@x', 'node3 again')")
+    assert mesh.wait_converged(lab, "SELECT id, email FROM public.acct ORDER BY id") == [(2, "e@x")]
+    consistent(lab, tables=("public.acct",))
