@@ -58,7 +58,8 @@ class Maintenance:
         self.log_state = dict(enabled=self.retention is not None, retention_seconds=self.retention, last_run_at=None,
                               last_purged=None, purged_total=0, error=None)
         self.tomb_state = dict(enabled=self.interval is not None, interval_seconds=self.interval, running=False,
-                               last_started_at=None, last_finished_at=None, last_result=None, error=None)
+                               last_started_at=None, last_finished_at=None, last_result=None, error=None,
+                               last_success_epoch=None)
         self.thread = None
         self.outcome = None      # set by the purge thread, taken by the next cycle
         self.lock = threading.Lock()
@@ -137,6 +138,7 @@ class Maintenance:
                 events.append("the tombstone purge could not be recorded on %s (its agent may run it again early)"
                               % ", ".join(outcome["not_recorded_on"]))
             if outcome["ok"]:
+                self.tomb_state["last_success_epoch"] = time.time()
                 events.append("tombstone purge done: purged %s" % json.dumps(outcome["purged"], sort_keys=True))
             else:
                 events.append("tombstone purge failed: %s" % outcome["error"])

@@ -75,6 +75,17 @@ def render(snap):
              [(dict(base, coordinator=snap.get("coordinator") or ""), 1)])
     o.family("steep_repl_coordinator_term", "gauge", "Local election term (increments on every coordinator change seen).",
              [(base, snap.get("term", 0))])
+    mt = snap.get("maintenance") or {}
+    cl, tb = mt.get("conflict_log") or {}, mt.get("tombstones") or {}
+    o.family("steep_repl_conflict_log_purged_total", "counter",
+             "Conflict-log entries this agent deleted for replication.maintenance.conflict_log_retention.",
+             [(base, cl.get("purged_total"))] if cl.get("enabled") else [])
+    o.family("steep_repl_maintenance_failing", "gauge", "1 when the last run of a maintenance task failed (enabled tasks).",
+             [(dict(base, task=name), bool(st.get("error"))) for name, st in (("conflict_log", cl), ("tombstones", tb))
+              if st.get("enabled")])
+    o.family("steep_repl_tombstone_purge_last_success_timestamp_seconds", "gauge",
+             "When this agent last finished a tombstone purge of the mesh (coordinator only).",
+             [(base, tb.get("last_success_epoch"))])
     levels = {"warning": 0, "critical": 0}
     for a in snap.get("alerts") or []:
         levels[a["level"]] = levels.get(a["level"], 0) + 1

@@ -3,9 +3,11 @@ processes: conflict-log retention on every node (and the CLI's `conflicts purge`
 and nothing deleted), and tombstone purging by the coordinator on a real 3-node mesh (PG 17 + 18 + 17) built by
 site.yml, including the refusal when the agents' topology leaves out a node of the mesh."""
 import json
+import time
 import uuid
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import conflict_support as cs
 import mesh
@@ -30,6 +32,10 @@ def start(tmp_path, lab, names=None, **maintenance):
 def stop(agents):
     for a in agents.values():
         a.stop()
+
+
+def metrics(agent):
+    return {f.name: f for f in text_string_to_metric_families(agent.get("/metrics")[1])}
 
 
 def events(agent):
@@ -89,6 +95,10 @@ def test_conflict_log_retention_by_the_agent_and_the_cli(lab_factory, tmp_path):
         assert st["maintenance"]["tombstones"]["enabled"] is False
         assert a2.wait_status(lambda b: b["maintenance"]["conflict_log"]["purged_total"] == 2, 10)
         assert "purged 2 conflict log entries older than 2592000 seconds" in events(a1)
+        fams = metrics(a1)
+        assert fams["steep_repl_conflict_log_purged"].samples[0].value == 5     # the parser drops "_total"
+        assert [(x.labels["task"], x.value) for x in fams["steep_repl_maintenance_failing"].samples] == [("conflict_log", 0)]
+        assert not fams["steep_repl_tombstone_purge_last_success_timestamp_seconds"].samples
 
         # the CLI through the agent (IPC): a purge, then a re-run that finds nothing (changed false)
         cfg1 = cfgs["node1"][0]
@@ -164,6 +174,9 @@ def test_the_coordinator_purges_settled_tombstones_on_the_whole_mesh(meshlab, tm
         for n in lab.nodes:                  # every node knows when the mesh was purged, and by whom
             rec = n.sql("SELECT value FROM steep_repl.coordinator_state WHERE key = 'tombstone_purge'")[0][0]
             assert rec["ok"] is True and rec["purged"]["node2"] == 10 and rec["by"] == coord
+        fams = metrics(ca)
+        assert fams["steep_repl_tombstone_purge_last_success_timestamp_seconds"].samples[0].value > time.time() - 120
+        assert [(x.labels["task"], x.value) for x in fams["steep_repl_maintenance_failing"].samples] == [("tombstones", 0)]
         for name, a in agents.items():       # only the coordinator ran it
             if name != coord:
                 assert a.get("/status")[1]["maintenance"]["tombstones"]["last_started_at"] is None
@@ -180,11 +193,15 @@ def test_the_coordinator_purges_settled_tombstones_on_the_whole_mesh(meshlab, tm
     finally:
         stop(agents)
 
-    # the purged keys are written again on two nodes at once: the mesh converges
+    # the purged keys are written again on two nodes at once (replication paused, so both inserts happen): the
+    # mesh converges
+    cs.pause(lab)
     n1.sql("INSERT INTO public.t VALUES (1, 'again on node1')")
     n3.sql("INSERT INTO public.t VALUES (1, 'again on node3'), (2, 'two on node3')")
+    cs.resume(lab)
     rows = mesh.wait_converged(lab, "SELECT id, v FROM public.t WHERE id IN (1, 2) ORDER BY id")
-    assert len(rows) == 2
+    assert len(rows) == 2 and rows[1] == (2, "two on node3")
+    assert any(cs.conflicts(n, "public.t") for n in lab.nodes)      # key 1: both inserts met, one won everywhere
     assert cs.apply_errors(lab) == {"node1": 0, "node2": 0, "node3": 0}
     mesh.assert_healthy(lab)
 
@@ -209,6 +226,8 @@ def test_agents_that_leave_out_a_mesh_node_purge_nothing(meshlab, tmp_path):
         err = st["maintenance"]["tombstones"]["error"]
         assert "node3" in err and "does not include" in err and "Fix:" in err, err
         assert any(e.startswith("tombstone purge failed") for e in events(agents[coord]))
+        fams = metrics(agents[coord])
+        assert [(x.labels["task"], x.value) for x in fams["steep_repl_maintenance_failing"].samples] == [("tombstones", 1)]
     finally:
         stop(agents)
     assert [(tombstones(n), n.sql("SELECT node_id, horizon FROM steep_repl.tombstone_horizon ORDER BY 1"))
