@@ -54,15 +54,38 @@ def _oneshot(cfg):
         agent.shutdown()
 
 
+# commands that change something: after the agent took one without answering, it may have run there, so it is not
+# run again against the database (a range allocated twice); they may also take longer (lock waits, big purges)
+WRITES = ("node_add", "node_remove", "conflicts_resolve", "conflicts_purge", "range_allocate")
+
+
+def _ipc_timeout(cmd, args):
+    """How long the CLI waits for the agent's answer: STEEP_REPL_IPC_TIMEOUT seconds, default 15 (reads) / 300
+    (writes)."""
+    env = os.environ.get("STEEP_REPL_IPC_TIMEOUT")
+    if env:
+        try:
+            return max(0.1, float(env))
+        except ValueError:
+            pass
+    return 300.0 if cmd in WRITES and not args.get("dry_run") else 15.0
+
+
 def _call(cfg, cmd, args):
     """(data, via_agent) from the agent over IPC, else from the database."""
     from . import commands
-    from .server import AgentUnavailable, ipc_call
+    from .server import AgentNoReply, AgentUnavailable, ipc_call
     try:
-        reply = ipc_call(cfg["agent"]["ipc_path"], cmd, args)
+        reply = ipc_call(cfg["agent"]["ipc_path"], cmd, args, timeout=_ipc_timeout(cmd, args))
         if not reply.get("ok"):
             raise commands.CommandError(reply.get("error"))
         return reply["data"], True
+    except AgentNoReply as exc:
+        if cmd in WRITES and not args.get("dry_run"):
+            raise commands.CommandError("the agent took the command but gave no answer (%s); it may have run, or still "
+                                        "run, there, so it was not run again. Fix: check the result (steep-repl "
+                                        "status, conflicts list, range status), then re-run if it is missing." % exc)
+        sys.stderr.write("steep-repl: the agent did not answer (%s); answering from the database directly.\n" % exc)
     except AgentUnavailable as exc:
         sys.stderr.write("steep-repl: the agent is not running (%s); answering from the database directly.\n" % exc)
     if cmd in ("status", "health"):

@@ -224,8 +224,12 @@ class AgentUnavailable(Exception):
     pass
 
 
+class AgentNoReply(AgentUnavailable):
+    """The agent took the request but gave no answer: the command may have run (or still runs) there."""
+
+
 def ipc_call(path, cmd, args=None, timeout=15.0):
-    """One request to the local agent; AgentUnavailable when nobody answers."""
+    """One request to the local agent; AgentUnavailable when nobody answers (AgentNoReply once it was sent)."""
     if IPC_FAMILY == "AF_UNIX" and not os.path.exists(path):
         raise AgentUnavailable("no agent socket at %s" % path)
     try:
@@ -233,11 +237,15 @@ def ipc_call(path, cmd, args=None, timeout=15.0):
     except (OSError, EOFError) as exc:
         raise AgentUnavailable("agent at %s does not answer (%s)" % (path, exc.__class__.__name__))
     try:
-        conn.send_bytes(json.dumps(dict(cmd=cmd, args=args or {})).encode())
-        if not conn.poll(timeout):
-            raise AgentUnavailable("agent at %s did not answer within %ss" % (path, timeout))
-        return json.loads(conn.recv_bytes(MAX_IPC_BYTES).decode())
-    except (OSError, EOFError) as exc:
-        raise AgentUnavailable("agent at %s closed the connection (%s)" % (path, exc.__class__.__name__))
+        try:
+            conn.send_bytes(json.dumps(dict(cmd=cmd, args=args or {})).encode())
+        except (OSError, EOFError) as exc:
+            raise AgentUnavailable("agent at %s closed the connection (%s)" % (path, exc.__class__.__name__))
+        try:
+            if not conn.poll(timeout):
+                raise AgentNoReply("agent at %s did not answer within %ss" % (path, timeout))
+            return json.loads(conn.recv_bytes(MAX_IPC_BYTES).decode())
+        except (OSError, EOFError) as exc:
+            raise AgentNoReply("agent at %s closed the connection before answering (%s)" % (path, exc.__class__.__name__))
     finally:
         conn.close()

@@ -109,6 +109,22 @@ def test_conflict_log_retention_by_the_agent_and_the_cli(lab_factory, tmp_path):
         assert out["purged"] == 1 and out["changed"] is True and out["before"] == {"entries": 8}
         r = cli(cfg1, "conflicts", "purge", "--older-than", "30 days")
         assert json.loads(r.stdout)["changed"] is False and count(n1) == 7
+
+        # a write the agent took but did not answer in time (it waits for a row lock) is not run a second time
+        # against the database: the CLI says so, and the agent's own run completes once, when the lock goes
+        n1.sql("INSERT INTO steep_repl.nodes (node_id, node_name, host, port) VALUES ('node9', 'node9', '127.0.0.1', 5999)")
+        holder = n1.connect(autocommit=False)
+        try:
+            with holder.cursor() as cur:
+                cur.execute("SELECT 1 FROM steep_repl.nodes WHERE node_id = 'node9' FOR UPDATE")
+            r = cli(cfg1, "node", "remove", "node9", env={"STEEP_REPL_IPC_TIMEOUT": "2"})
+            assert r.returncode == 3 and "it was not run again" in r.stderr and "Fix:" in r.stderr, r.stderr
+            assert "answering from the database" not in r.stderr
+        finally:
+            holder.rollback()
+            holder.close()
+        assert wait_for(lambda: n1.sql("SELECT count(*) FROM steep_repl.nodes WHERE node_id = 'node9'") == [(0,)], 15)
+        assert n1.sql("SELECT count(*) FROM steep_repl.audit_log WHERE action = 'node_removed' AND target_id = 'node9'") == [(1,)]
     finally:
         stop(agents)
     assert all("cycle failed" not in json.dumps(line) for a in agents.values() for line in a.lines())
