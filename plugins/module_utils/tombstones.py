@@ -56,6 +56,9 @@ DERIVED = ("SELECT v.tbl, v.pk, EXTRACT(EPOCH FROM v.ver_ts)::text AS ts FROM st
            "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
            "WHERE v.deleted AND v.ver_node = 'steep_repl' AND s.strategy = ANY(%s) AND NOT steep_repl._settled(v) "
            "AND NOT EXISTS (SELECT 1 FROM steep_repl.unique_settle u WHERE u.tbl = v.tbl AND u.pk = v.pk)")
+SET_HORIZONS = ("SELECT steep_repl.set_tombstone_horizon((SELECT pg_catalog.jsonb_object_agg(e.key, e.value) "
+                "FROM pg_catalog.jsonb_each(%s::jsonb) e WHERE e.key = ANY(%s) OR EXISTS (SELECT 1 FROM "
+                "steep_repl.row_version v WHERE v.ver_node = e.key AND v.deleted)))")
 CANDIDATES = ("SELECT count(*) FROM steep_repl.row_version v JOIN steep_repl.conflict_tables ct ON ct.tbl = v.tbl, "
               "LATERAL steep_repl.table_strategy(ct.table_schema, ct.table_name) s "
               "WHERE v.deleted AND s.strategy = ANY(%s) AND v.ver_node = ANY(%s) AND v.ver_ts <= pg_catalog.clock_timestamp()")
@@ -206,7 +209,8 @@ def purge(specs, check_mode=False, stall=60, batch=10000, lock_timeout=300):
             horizons[gone] = min(horizons[i] for i in ids)
         text = json.dumps(dict((i, h.isoformat()) for i, h in horizons.items()), sort_keys=True)
         for m in mesh.members:     # every node knows the horizons (and the settled derived tombstones) before any purges
-            fetch_value(m.conn, "SELECT steep_repl.set_tombstone_horizon(%s::jsonb)", (text,))
+            # a departed node's horizon only where it still left tombstones (elsewhere it may be unknown)
+            fetch_value(m.conn, SET_HORIZONS, (text, ids))
             result["queries"].append("/* %s */ SELECT steep_repl.set_tombstone_horizon('%s')" % (m.node_id, text))
             if n_derived:
                 fetch_value(m.conn, "SELECT steep_repl.settle_derived_tombstones(%s::jsonb)", (derived,))

@@ -3,6 +3,7 @@ Tombstones) on a real 3-node mesh (PG 17 + 18 + 17) built by the real site.yml: 
 --check/--diff, idempotence, the rule that lets a re-insert from a node that purged beat a tombstone another
 node still holds, a purge during a concurrent randomised workload (the nodes converge), and every refusal
 (nothing changed, read back on every node)."""
+import datetime
 import json
 import sys
 import threading
@@ -12,6 +13,7 @@ import pytest
 
 import conflict_support as cs
 import mesh
+from agent_support import wait_for
 from conftest import LAB_BASE, run_playbook
 from steeplab import make_lab
 
@@ -342,15 +344,22 @@ def test_a_table_switched_from_keep_local_to_an_order_converges_after_a_purge(la
 
 
 def test_tombstones_of_a_node_that_left_the_mesh_are_settled(lab, tmp_path):
-    """Runs last: node3 leaves the mesh (site.yml without it drops its subscriptions and slots; node1 also forgets
-    its row). Its tombstones on node1 and node2 are settled by the next purge of the two, with the run's earliest
-    mark as its horizon; before, they stayed for ever. A purged key written again converges."""
+    """Runs last. node3 deletes rows while node2 does not receive from it, then leaves the mesh (site.yml
+    without it drops its subscriptions and slots; node1 and node2 forget its row): node1 holds node3's
+    tombstones, node2 neither holds them nor knows node3. The next purge settles them on node1 with the run's
+    earliest mark as horizon (before, they stayed for ever), and node2 is not asked about a node it does not
+    know. Then node2's next writes of those keys reach node1 (a kept tombstone would have beaten them: the
+    nodes would stay apart), and the mesh converges."""
     n1, n2, n3 = lab.nodes
+    keys = "SELECT id, v FROM public.t WHERE id BETWEEN 25 AND 29 ORDER BY id"
+    mesh.wait_converged(lab, keys)
+    n2.sql("ALTER SUBSCRIPTION steep_from_node3 DISABLE")
     n3.sql("DELETE FROM public.t WHERE id BETWEEN 25 AND 28")
     n1.sql("DELETE FROM public.t WHERE id = 29")
-    cs.sync(lab)
-    of_node3 = "SELECT count(*) FROM steep_repl.row_version WHERE deleted AND ver_node = 'node3'"
-    assert n1.sql(of_node3)[0][0] >= 4 and n2.sql(of_node3) == n1.sql(of_node3)
+    of_node3 = "SELECT count(*) FROM steep_repl.row_version WHERE deleted AND ver_node = 'node3' AND tbl = 'public.t'"
+    assert wait_for(lambda: n1.sql(of_node3) == [(4,)], 30)
+    assert wait_for(lambda: n2.sql("SELECT count(*) FROM public.t WHERE id = 29") == [(0,)], 30)
+    assert n2.sql(of_node3) == [(0,)] and len(n2.sql(keys)) == 4      # node2 never got node3's deletes
     inv = lab.write_inventory(tmp_path / "two.yml", group_vars=dict(GROUP_VARS, steep_conflict_strategies={}),
                               nodes=["node1", "node2"])
     res = run_playbook("site.yml", inv)
@@ -358,10 +367,10 @@ def test_tombstones_of_a_node_that_left_the_mesh_are_settled(lab, tmp_path):
     for n in (n1, n2):
         st = mesh.mesh_state(n)
         assert "steep_from_node3" not in st["subscriptions"] and "steep_to_node3" not in st["slots"]
-    assert n1.sql("SELECT steep_repl.remove_node('node3')") == [(True,)]
-    with pytest.raises(Exception) as exc:     # a node nobody knows and that left nothing here: still refused
-        n1.sql("""SELECT steep_repl.set_tombstone_horizon('{"node8": "2020-01-01"}')""")
-    assert "does not know: 'node8'" in str(exc.value)
+        assert n.sql("SELECT steep_repl.remove_node('node3')") == [(True,)]
+    with pytest.raises(Exception) as exc:     # a node this node does not know and that left nothing here: refused
+        n2.sql("""SELECT steep_repl.set_tombstone_horizon('{"node3": "2020-01-01"}')""")
+    assert "does not know: 'node3'" in str(exc.value)
 
     h3 = "SELECT horizon FROM steep_repl.tombstone_horizon WHERE node_id = 'node3'"
     before = [(n.sql(of_node3), n.sql(h3)) for n in (n1, n2)]
@@ -373,14 +382,20 @@ def test_tombstones_of_a_node_that_left_the_mesh_are_settled(lab, tmp_path):
     assert res.rc == 0 and res.changed() == 1, res.failure_messages()
     r = result_of(res)
     assert r["departed"] == ["node3"] and r["horizons"]["node3"] == min(r["horizons"][i] for i in ("node1", "node2"))
+    assert n1.sql(of_node3) == [(0,)] and n1.sql(h3)[0][0] == datetime.datetime.fromisoformat(r["horizons"]["node3"])
+    assert n2.sql(h3) == before[1][1]                                  # not sent where node3 is unknown
     for n in (n1, n2):
-        assert n.sql(of_node3) == [(0,)], n.name
         assert n.sql("SELECT count(*) FROM steep_repl.row_version WHERE tbl = 'public.t' AND pk = '[29]'") == [(0,)]
     assert run_playbook("purge_tombstones.yml", inv).changed() == 0
 
-    n2.sql("INSERT INTO public.t VALUES (25, 'back on node2')")
-    n1.sql("INSERT INTO public.t VALUES (26, 'back on node1')")
-    rows = mesh.wait_converged(lab, "SELECT id, v FROM public.t WHERE id BETWEEN 25 AND 29 ORDER BY id",
-                               nodes=["node1", "node2"])
-    assert rows == [(25, "back on node2"), (26, "back on node1")]
+    assert n1.sql(keys) == [] and len(n2.sql(keys)) == 4               # apart since node3 left
+    n2.sql("UPDATE public.t SET v = 'kept on node2' WHERE id BETWEEN 25 AND 27")
+    n2.sql("DELETE FROM public.t WHERE id = 28")
+    n1.sql("INSERT INTO public.t VALUES (29, 'back on node1')")
+    rows = mesh.wait_converged(lab, keys, nodes=["node1", "node2"])
+    assert rows == [(25, "kept on node2"), (26, "kept on node2"), (27, "kept on node2"), (29, "back on node1")]
+    for n in (n1, n2):
+        assert cs.image_mismatches(n, "public.t") == [], n.name
+    errors = cs.apply_errors(lab)
+    assert errors["node1"] == 0 and errors["node2"] == 0, errors
     mesh.assert_healthy(lab, nodes=["node1", "node2"])
