@@ -132,7 +132,7 @@ class Maintenance:
         if outcome is not None:
             self.tomb_state.update(running=False, last_finished_at=outcome["finished_at"],
                                    last_result=None if not outcome["ok"] else dict(
-                                       (k, outcome[k]) for k in ("purged", "unique_settled", "horizons")),
+                                       (k, outcome.get(k)) for k in ("purged", "unique_settled", "horizons", "departed")),
                                    error=None if outcome["ok"] else outcome["error"])
             if outcome["not_recorded_on"]:
                 events.append("the tombstone purge could not be recorded on %s (its agent may run it again early)"
