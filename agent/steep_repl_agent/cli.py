@@ -59,7 +59,7 @@ def _oneshot(cfg):
 WRITES = ("node_add", "node_remove", "conflicts_resolve", "conflicts_purge", "range_allocate")
 
 
-def _ipc_timeout(cmd, args):
+def _ipc_timeout(write):
     """How long the CLI waits for the agent's answer: STEEP_REPL_IPC_TIMEOUT seconds, default 15 (reads) / 300
     (writes)."""
     env = os.environ.get("STEEP_REPL_IPC_TIMEOUT")
@@ -68,20 +68,21 @@ def _ipc_timeout(cmd, args):
             return max(0.1, float(env))
         except ValueError:
             pass
-    return 300.0 if cmd in WRITES and not args.get("dry_run") else 15.0
+    return 300.0 if write else 15.0
 
 
 def _call(cfg, cmd, args):
     """(data, via_agent) from the agent over IPC, else from the database."""
     from . import commands
     from .server import AgentNoReply, AgentUnavailable, ipc_call
+    write = cmd in WRITES and not args.get("dry_run")
     try:
-        reply = ipc_call(cfg["agent"]["ipc_path"], cmd, args, timeout=_ipc_timeout(cmd, args))
+        reply = ipc_call(cfg["agent"]["ipc_path"], cmd, args, timeout=_ipc_timeout(write))
         if not reply.get("ok"):
             raise commands.CommandError(reply.get("error"))
         return reply["data"], True
     except AgentNoReply as exc:
-        if cmd in WRITES and not args.get("dry_run"):
+        if write:
             raise commands.CommandError("the agent took the command but gave no answer (%s); it may have run, or still "
                                         "run, there, so it was not run again. Fix: check the result (steep-repl "
                                         "status, conflicts list, range status), then re-run if it is missing." % exc)

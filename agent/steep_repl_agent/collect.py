@@ -168,12 +168,17 @@ def peer_probe(conn):
     return row
 
 
+def put_state(cur, key, value):
+    """Upsert one key of steep_repl.coordinator_state (stamped with this node's clock)."""
+    cur.execute("INSERT INTO steep_repl.coordinator_state (key, value, updated_at) VALUES (%s, %s, "
+                "pg_catalog.now()) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = "
+                "EXCLUDED.updated_at", (key, json.dumps(value, default=str)))
+
+
 def write_coordinator(conn, me, state):
     """The coordinator this node believes in: steep_repl.coordinator_state + nodes.is_coordinator."""
     with conn.cursor() as cur:
-        cur.execute("INSERT INTO steep_repl.coordinator_state (key, value, updated_at) VALUES ('coordinator', %s, "
-                    "pg_catalog.now()) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = "
-                    "EXCLUDED.updated_at", (json.dumps(state),))
+        put_state(cur, "coordinator", state)
         coord = state.get("node")
         cur.execute("UPDATE steep_repl.nodes SET is_coordinator = (node_id IS NOT DISTINCT FROM %s) "
                     "WHERE is_coordinator IS DISTINCT FROM (node_id IS NOT DISTINCT FROM %s)", (coord, coord))

@@ -7,8 +7,7 @@ from ansible_collections.steep.repl.plugins.module_utils import db
 from ansible_collections.steep.repl.plugins.module_utils import nodeinit
 
 from . import collect
-from .config import ConfigError, parse_duration
-from .maintenance import interval_text
+from .config import ConfigError, interval_text, parse_duration
 
 
 class CommandError(Exception):

@@ -54,6 +54,11 @@ def parse_duration(value, key):
     return seconds
 
 
+def interval_text(seconds):
+    """A PostgreSQL interval for a number of seconds (a parsed duration)."""
+    return "%s seconds" % (int(seconds) if float(seconds).is_integer() else seconds)
+
+
 def _optional_duration(value, key):
     """A duration, or None when the feature is off (unset, empty, ``off`` or false)."""
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "off")):

@@ -19,7 +19,7 @@ import time
 from ansible_collections.steep.repl.plugins.module_utils import db
 
 from . import collect
-from .config import conn_kwargs, all_nodes
+from .config import all_nodes, conn_kwargs, interval_text
 
 LOG_PURGE_PAUSE = 600.0     # seconds between conflict-log purges once a purge found less than a batch
 RETRY_AFTER_FAILURE = 900.0  # a failed tombstone purge is tried again after this (or the interval, if shorter)
@@ -30,9 +30,10 @@ def _now_iso():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def interval_text(seconds):
-    """A PostgreSQL interval for a number of seconds."""
-    return "%s seconds" % (int(seconds) if float(seconds).is_integer() else seconds)
+def _first_line(exc):
+    """The first line of an error's message (its class name when it has none), for /status and the log line."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
 
 
 def mesh_specs(cfg, environ=None):
@@ -73,7 +74,7 @@ class Maintenance:
         try:
             res = mod.purge_log(conn, interval_text(self.retention), self.batch, max_batches=1)
         except Exception as exc:
-            self.log_state["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            self.log_state["error"] = _first_line(exc)
             self.next_log_purge = time.monotonic() + LOG_PURGE_PAUSE
             events.append("conflict log purge failed: %s" % self.log_state["error"])
             return
@@ -103,9 +104,7 @@ class Maintenance:
                 continue
             try:
                 with conn.cursor() as cur:
-                    cur.execute("INSERT INTO steep_repl.coordinator_state (key, value, updated_at) VALUES (%s, %s, "
-                                "pg_catalog.now()) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
-                                "updated_at = EXCLUDED.updated_at", (STATE_KEY, json.dumps(outcome, default=str)))
+                    collect.put_state(cur, STATE_KEY, outcome)
             except Exception:
                 missed.append(node["name"])
             finally:
@@ -119,8 +118,7 @@ class Maintenance:
             outcome = dict(ok=True, purged=res.get("purged"), unique_settled=res.get("unique_settled"),
                            horizons=res.get("horizons"), departed=res.get("departed"), changed=res.get("changed"))
         except Exception as exc:
-            text = str(exc).strip()
-            outcome = dict(ok=False, error=text.splitlines()[0] if text else exc.__class__.__name__)
+            outcome = dict(ok=False, error=_first_line(exc))
         outcome.update(finished_at=_now_iso(), by=self.cfg["this_node"]["name"])
         missed = self._record(outcome)
         with self.lock:
@@ -165,7 +163,7 @@ class Maintenance:
         try:
             self._tombstones(conn, is_coordinator, events)
         except Exception as exc:
-            events.append("tombstone purge check failed: %s" % str(exc).strip().splitlines()[0])
+            events.append("tombstone purge check failed: %s" % _first_line(exc))
         return events
 
     def view(self):

@@ -321,8 +321,6 @@ def purge_log(conn, older_than, batch=10000, max_batches=None):
     try:
         fetch_value(conn, "SELECT %s::interval", (older_than,))
     except psycopg2.DataError:
-        if not conn.autocommit:
-            conn.rollback()
         raise SteepError("older_than %r is not a PostgreSQL interval. Fix: give one such as '90 days' or "
                          "'12 hours'; nothing was deleted." % (older_than,))
     before = fetch_value(conn, "SELECT count(*) FROM steep_repl.conflict_log")
@@ -332,8 +330,6 @@ def purge_log(conn, older_than, batch=10000, max_batches=None):
         try:
             n = fetch_value(conn, query, (older_than, batch))
         except psycopg2.Error as exc:
-            if not conn.autocommit:
-                conn.rollback()
             raise SteepError("purging the conflict log failed: %s" % explain_db_error(exc))
         purged += n
         batches += 1

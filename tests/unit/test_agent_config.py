@@ -138,7 +138,7 @@ def test_tombstone_purge_needs_the_other_nodes():
 def test_maintenance_mesh_specs_and_intervals():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".collections"))
     from steep_repl_agent import maintenance as M
-    assert M.interval_text(2592000.0) == "2592000 seconds" and M.interval_text(1.5) == "1.5 seconds"
+    assert C.interval_text(2592000.0) == "2592000 seconds" and C.interval_text(1.5) == "1.5 seconds"
     raw = base()
     raw["replication"]["credentials"] = {"node_a": {"password_env": "PW_A"}, "node_b": {"user": "repl"}}
     cfg = C.validate(raw, environ={})
